@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` (the main job) and `make test`.
+# Both create .venv and install the project on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# These torch wheels lie on our machines' disk; override TORCH_SPEC elsewhere (e.g. TORCH_SPEC=torch).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test test-fast lint demo clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[dev,demo]'
+	touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: install lint
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m 'not slow'
+
+demo: install
+	$(VENV)/bin/mocoserve demo --out demo-output
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache
