@@ -1,0 +1,23 @@
+"""The `mocoserve` command: command groups assembled in one place.
+
+Each group's module imports its heavy dependencies (train, export, app) inside the command.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from mocoserve.commands import train as train_commands
+
+app = typer.Typer(
+    name="mocoserve",
+    help="Image embeddings from pretraining to serving.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(train_commands.app)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,188 @@
+"""`mocoserve train` and `mocoserve lincls`: pretraining and the linear probe (imports train lazily)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mocoserve.commands.options import (
+    BatchSizeOpt,
+    ConfigOpt,
+    DeviceOpt,
+    EpochsOpt,
+    OutOpt,
+    QuietOpt,
+    SeedOpt,
+    WorkersOpt,
+    guarded,
+)
+
+app = typer.Typer()
+
+DataArg = Annotated[
+    Path, typer.Argument(help="Image folder: flat (unlabelled) or class/image (labelled).")
+]
+ValOpt = Annotated[
+    Path | None,
+    typer.Option("--val", help="Labelled folder (class/image) for the k-NN monitor / evaluation."),
+]
+ResumeOpt = Annotated[
+    str | None,
+    typer.Option("--resume", help="'auto' (latest checkpoint in --out, if any) or a checkpoint path."),
+]
+LrOpt = Annotated[
+    float | None, typer.Option("--lr", help="Learning rate per --lr-batch images (default 256).")
+]
+
+
+def _fit(
+    method: str | None,
+    preset: str | None,
+    config: Path | None,
+    overrides: dict[str, Any],
+    resume: str | None,
+) -> None:
+    from train import distributed
+    from train.loop import fit, prepare_config
+
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    cfg, ckpt = prepare_config(
+        method, preset, str(config) if config else None, overrides, resume
+    )
+    try:
+        result = fit(cfg, ckpt)
+    finally:
+        distributed.teardown()
+    if distributed.is_main():
+        if result.stopped == "max_steps":
+            print(f"stopped after {result.step} steps (--max-steps); checkpoint: {result.checkpoint}")
+        elif result.stopped is None:
+            print(f"done: {result.epoch} epochs, {result.step} steps; checkpoint: {result.checkpoint}")
+
+
+@app.command()
+def train(
+    data: DataArg,
+    method: Annotated[
+        str | None,
+        typer.Option("--method", "-m", help="moco-v1 | moco-v2 | supcon | supcon-queue | linear."),
+    ] = None,
+    arch: Annotated[
+        str | None, typer.Option("--arch", "-a", help="torchvision ResNet: resnet18, resnet50, ...")
+    ] = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchSizeOpt = None,
+    out: OutOpt = Path("runs/train"),
+    queue_size: Annotated[
+        int | None, typer.Option("--queue-size", "-K", help="Negatives in the queue.")
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option("--preset", help="'cifar': small-image recipe (32 px, 3x3 stem).")
+    ] = None,
+    bn_splits: Annotated[
+        int | None, typer.Option("--bn-splits", help="Split BatchNorm groups (one process).")
+    ] = None,
+    val: ValOpt = None,
+    resume: ResumeOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    workers: WorkersOpt = None,
+    config: ConfigOpt = None,
+    lr: LrOpt = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", "-T")] = None,
+    momentum: Annotated[
+        float | None, typer.Option("--moco-m", help="Momentum of the key encoder (0.999).")
+    ] = None,
+    dim: Annotated[int | None, typer.Option("--dim", help="Embedding dim of the head.")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", help="Crop size in px.")] = None,
+    precision: Annotated[
+        str | None, typer.Option("--precision", help="CUDA: bf16 | fp16 | fp32.")
+    ] = None,
+    compile_model: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the encoders.")
+    ] = None,
+    contrast_mode: Annotated[
+        str | None, typer.Option("--contrast-mode", help="SupCon anchors: all | one.")
+    ] = None,
+    pretrained: Annotated[
+        Path | None, typer.Option("--pretrained", help="Linear probe: pretraining checkpoint.")
+    ] = None,
+    save_every: Annotated[
+        int | None, typer.Option("--save-every", help="Keep a checkpoint every N epochs.")
+    ] = None,
+    knn_every: Annotated[
+        int | None, typer.Option("--knn-every", help="k-NN monitor every N epochs (with --val).")
+    ] = None,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", help="Stop, with a checkpoint, after N steps.")
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Pretrain an image encoder (MoCo v1/v2, SupCon, SupCon with a queue) on an image folder.
+
+    Under `torchrun --nproc_per_node N -m mocoserve train ...` it trains with DDP.
+    """
+    overrides = {
+        "data.root": str(data),
+        "data.val": str(val) if val else None,
+        "data.workers": workers,
+        "data.image_size": image_size,
+        "model.arch": arch,
+        "model.bn_splits": bn_splits,
+        "model.dim": dim,
+        "method.queue_size": queue_size,
+        "method.temperature": temperature,
+        "method.momentum": momentum,
+        "method.contrast_mode": contrast_mode,
+        "method.pretrained": str(pretrained) if pretrained else None,
+        "optim.epochs": epochs,
+        "optim.batch_size": batch_size,
+        "optim.lr": lr,
+        "run.out": str(out),
+        "run.seed": seed,
+        "run.device": device,
+        "run.precision": precision,
+        "run.compile": compile_model,
+        "run.save_every": save_every,
+        "run.knn_every": knn_every,
+        "run.max_steps": max_steps,
+        "run.progress": False if quiet else None,
+    }
+    guarded(lambda: _fit(method, preset, config, overrides, resume))
+
+
+@app.command()
+def lincls(
+    data: DataArg,
+    pretrained: Annotated[
+        Path, typer.Option("--pretrained", help="Pretraining checkpoint whose backbone to probe.")
+    ],
+    val: ValOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchSizeOpt = None,
+    out: OutOpt = Path("runs/lincls"),
+    lr: LrOpt = None,
+    resume: ResumeOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    workers: WorkersOpt = None,
+    config: ConfigOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Linear probe (MoCo protocol): train a linear classifier on a frozen pretrained backbone."""
+    overrides = {
+        "data.root": str(data),
+        "data.val": str(val) if val else None,
+        "data.workers": workers,
+        "method.pretrained": str(pretrained),
+        "optim.epochs": epochs,
+        "optim.batch_size": batch_size,
+        "optim.lr": lr,
+        "run.out": str(out),
+        "run.seed": seed,
+        "run.device": device,
+        "run.progress": False if quiet else None,
+    }
+    guarded(lambda: _fit("linear", None, config, overrides, resume))

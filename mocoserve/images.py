@@ -1,0 +1,86 @@
+"""Finding and decoding image files: one implementation shared by training and serving.
+
+A leaf module (PIL and numpy only), so the serving path and `train` can both use it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+)
+# Decompression-bomb guard: PIL raises above twice this many pixels (about 180 MP here).
+Image.MAX_IMAGE_PIXELS = 89_478_485
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True if the file name has one of the common image extensions."""
+    return os.path.splitext(str(path))[1].lower() in IMAGE_EXTENSIONS
+
+
+def iter_image_files(root: str | os.PathLike) -> Iterator[Path]:
+    """Yield image files under `root` recursively, sorted, following each symlinked folder once."""
+    seen: set[tuple[int, int]] = set()
+
+    def walk(folder: Path) -> Iterator[Path]:
+        st = folder.stat()
+        if (st.st_dev, st.st_ino) in seen:  # a symlink loop or a folder linked twice
+            return
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                if entry.is_dir(follow_symlinks=True):
+                    yield from walk(path)
+                elif entry.is_file(follow_symlinks=True) and is_image_file(path):
+                    yield path
+            except OSError:
+                continue
+
+    yield from walk(Path(root))
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; transparent pixels become white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
+    """Decode an image file to RGB: EXIF orientation applied, first frame of animations.
+
+    `draft_size` lets JPEG decoding skip resolution it does not need (the result is at
+    least that many pixels on its shorter side). Raises OSError/ValueError on bad files.
+    """
+    with Image.open(path) as img:
+        if draft_size is not None and img.format == "JPEG":
+            w, h = img.size
+            scale = max(draft_size / min(w, h), 1e-9)
+            img.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
+        img.seek(0)
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)

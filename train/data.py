@@ -1,0 +1,191 @@
+"""Image folders for training: scanning, decoding, deterministic per-sample augmentation, sharding."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import signal
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mocoserve.errors import UserError
+from mocoserve.images import IMAGE_EXTENSIONS, iter_image_files, load_rgb
+from train import distributed
+
+
+@dataclass
+class FolderIndex:
+    """The images of a folder: flat (unlabelled, label -1) or `class/image` (labelled)."""
+
+    root: Path
+    files: list[Path]
+    labels: list[int]
+    classes: list[str]
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def scan_folder(root: str | Path, classes: Sequence[str] | None = None) -> FolderIndex:
+    """List the images under `root`; subfolders of `root` are classes if every image is in one.
+
+    `classes` (from a training folder) fixes the label numbering; a class it lacks is an error.
+    """
+    path = Path(root)
+    if not path.exists():
+        raise UserError(f"image folder not found: {path}")
+    if not path.is_dir():
+        raise UserError(f"not a folder: {path}")
+    files = list(iter_image_files(path))
+    if not files:
+        exts = " ".join(sorted(IMAGE_EXTENSIONS))
+        raise UserError(f"no images in {path} (looked recursively for {exts})")
+    top = [f.relative_to(path).parts for f in files]
+    if any(len(parts) == 1 for parts in top):  # images directly under root: unlabelled
+        return FolderIndex(path, files, [-1] * len(files), [])
+    names = sorted({parts[0] for parts in top})
+    if classes is not None:
+        unknown = sorted(set(names) - set(classes))
+        if unknown:
+            raise UserError(
+                f"{path} has classes the training folder lacks: {', '.join(unknown[:5])}"
+                + (" ..." if len(unknown) > 5 else "")
+            )
+        names = list(classes)
+    number = {name: i for i, name in enumerate(names)}
+    return FolderIndex(path, files, [number[parts[0]] for parts in top], names)
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class ImageDataset(Dataset):
+    """Decodes one image and applies `transform` under a seed of (seed, epoch, index).
+
+    Items are `(index, epoch)` pairs (see EpochSampler), so an image's augmentation does not
+    depend on the worker count, on persistent workers or on where a resumed run restarts.
+    An unreadable file is reported once and replaced by the next readable one.
+    """
+
+    def __init__(
+        self, files: Sequence[Path], labels: Sequence[int], transform: Callable, seed: int = 0
+    ) -> None:
+        self.files = list(files)
+        self.labels = list(labels)
+        self.transform = transform
+        self.seed = seed
+        self._reported: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[object, int]:
+        index, epoch = item if isinstance(item, tuple) else (item, 0)
+        n = len(self.files)
+        for attempt in range(n):
+            i = (index + attempt) % n
+            try:
+                image = load_rgb(self.files[i])
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                if i not in self._reported:
+                    self._reported.add(i)
+                    print(f"warning: skipping unreadable image {self.files[i]}: {e}", file=sys.stderr)
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_sample_seed(self.seed, epoch, index))
+                random.seed(_sample_seed(self.seed, epoch, index))
+                return self.transform(image), self.labels[i]
+        raise UserError("none of the images could be decoded")
+
+
+class EpochSampler(Sampler):
+    """Shuffles by (seed, epoch) identically on every rank, shards by rank, yields (index, epoch).
+
+    Only whole global batches are used (drop_last), so every rank runs the same number of
+    equal batches; `skip_batches` resumes an epoch part-way without decoding what was done.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True) -> None:
+        self.n = n
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.world = distributed.world_size()
+        self.rank = distributed.rank()
+        self.batches_per_epoch = n // (batch_size * self.world)
+        self.epoch = 0
+        self.skip_batches = 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch = epoch
+        self.skip_batches = skip_batches
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        used = self.batches_per_epoch * self.batch_size * self.world
+        mine = order[:used][self.rank :: self.world]
+        for i in mine[self.skip_batches * self.batch_size :].tolist():
+            yield i, self.epoch
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.skip_batches) * self.batch_size
+
+
+class ShardSampler(Sampler):
+    """Every index once across ranks, in order, padded to equal shards (for evaluation)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.world = distributed.world_size()
+        self.per_rank = -(-n // self.world)
+
+    def __iter__(self) -> Iterator[int]:
+        padded = list(range(self.n)) + [self.n - 1] * (self.per_rank * self.world - self.n)
+        return iter(padded[distributed.rank() :: self.world])
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+def _ignore_preemption_signals(_worker_id: int) -> None:
+    # the main process handles SIGTERM/SIGUSR1 and shuts the workers down itself
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def make_loader(
+    dataset: Dataset,
+    sampler: Sampler,
+    batch_size: int,
+    workers: int,
+    pin_memory: bool,
+    drop_last: bool,
+    persistent: bool,
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        persistent_workers=persistent and workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_ignore_preemption_signals if workers > 0 else None,
+    )

@@ -1,0 +1,107 @@
+"""torch.distributed helpers that degrade to one process.
+
+The same call works on one CPU, one GPU and N processes under torchrun: with no process
+group, `rank()` is 0, `world_size()` is 1 and the gathers return their input.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(device: str = "auto") -> torch.device:
+    """Pick the device and, under torchrun, join the process group (NCCL on GPUs, gloo on CPUs)."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if launched_by_torchrun() and not is_distributed():
+        backend = "nccl" if use_cuda else "gloo"
+        if use_cuda:
+            torch.cuda.set_device(local_rank())
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    if use_cuda:
+        return torch.device("cuda", local_rank() if launched_by_torchrun() else 0)
+    return torch.device("cpu")
+
+
+def teardown() -> None:
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+@torch.no_grad()
+def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every rank along dim 0 (no gradient). Same shape on every rank."""
+    if not is_distributed():
+        return tensor
+    out = torch.empty(
+        (world_size() * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device
+    )
+    dist.all_gather_into_tensor(out, tensor.contiguous())
+    return out
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every rank along dim 0; gradients flow back to every rank.
+
+    The backward pass sums each slice's gradient over the ranks (torch.distributed.nn), so
+    with DDP's gradient averaging the result is the gradient of the mean of all ranks' losses.
+    """
+    if not is_distributed():
+        return tensor
+    return torch.cat(dist_nn.all_gather(tensor), dim=0)
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    if is_distributed():
+        dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(tensor)
+        tensor /= world_size()
+    return tensor
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any rank (used to stop all ranks together)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
