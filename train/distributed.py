@@ -7,11 +7,32 @@ group, `rank()` is 0, `world_size()` is 1 and the gathers return their input.
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
+
+
+# torch 2.14 renamed all_gather_into_tensor; keep working on the releases before it
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def ddp_wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DDP that syncs buffers once at start (rank 0's queue and weights), not every forward.
+
+    The queue is identical on every rank by construction, so re-broadcasting it (32 MB for
+    65536 x 128) each step would only cost bandwidth.
+    """
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    kwargs: dict = {"device_ids": [device.index] if device.type == "cuda" else None}
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        kwargs["forward_sync_buffers"] = False
+    else:
+        kwargs["broadcast_buffers"] = False
+    return DDP(module, **kwargs)
 
 
 def is_distributed() -> bool:
@@ -70,7 +91,7 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     out = torch.empty(
         (world_size() * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device
     )
-    dist.all_gather_into_tensor(out, tensor.contiguous())
+    _all_gather_single(out, tensor.contiguous())
     return out
 
 

@@ -347,11 +347,7 @@ def fit(cfg: TrainConfig, resume_from: Path | None = None, console: Console | No
                 getattr(method, name).compile()
     model: nn.Module = method
     if distributed.is_distributed():
-        model = nn.parallel.DistributedDataParallel(
-            method,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,  # the queue is identical on every rank by construction
-        )
+        model = distributed.ddp_wrap(method, device)
 
     views = method.num_views
     dataset = ImageDataset(

@@ -54,14 +54,12 @@ class MomentumQueueMixin(nn.Module):
             labels = torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device)
         else:
             labels = distributed.all_gather(labels.contiguous())
-        size = self.queue.shape[0]
-        if keys.shape[0] > size:  # a batch larger than the queue keeps its newest keys
-            keys, labels = keys[-size:], labels[-size:]
-        n = keys.shape[0]
+        size, n = self.queue.shape[0], keys.shape[0]
+        skip = max(0, n - size)  # a batch larger than the queue: only its newest keys survive
         # index arithmetic on the device: no host sync in the training step
-        idx = (self.queue_ptr + torch.arange(n, device=keys.device)) % size  # n
-        self.queue.index_copy_(0, idx, keys.to(self.queue.dtype))
-        self.queue_labels.index_copy_(0, idx, labels)
+        idx = (self.queue_ptr + skip + torch.arange(n - skip, device=keys.device)) % size
+        self.queue.index_copy_(0, idx, keys[skip:].to(self.queue.dtype))
+        self.queue_labels.index_copy_(0, idx, labels[skip:])
         self.queue_ptr.copy_((self.queue_ptr + n) % size)
 
     @torch.no_grad()

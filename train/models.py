@@ -18,7 +18,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
 
     From the MoCo CIFAR-10 demo: in one process it stops the query and key encoders from
     sharing batch statistics, which MoCo's shuffled BN otherwise gets from separate GPUs.
-    Eval mode is plain BatchNorm; the state dict is BatchNorm2d's, so exports need nothing.
+    Split j holds samples j, j+S, j+2S, ... Eval mode is plain BatchNorm; the state dict is BatchNorm2d's, so exports need nothing.
     """
 
     def __init__(self, num_features: int, num_splits: int, **kwargs: object) -> None:

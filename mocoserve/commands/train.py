@@ -53,9 +53,10 @@ def _fit(
     )
     try:
         result = fit(cfg, ckpt)
+        main = distributed.is_main()
     finally:
         distributed.teardown()
-    if distributed.is_main():
+    if main:
         if result.stopped == "max_steps":
             print(f"stopped after {result.step} steps (--max-steps); checkpoint: {result.checkpoint}")
         elif result.stopped is None:
