@@ -12,7 +12,6 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 
 
 # torch 2.14 renamed all_gather_into_tensor; keep working on the releases before it
@@ -95,15 +94,35 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums each slice's gradient over ranks and keeps this rank's.
+
+    torch.distributed.nn.functional.all_gather does the same but is deprecated as of torch
+    2.14, and its replacement lives in a private module; this is the all-reduce form that
+    SimCLR/SupCon codebases use, and it runs on gloo as well as NCCL.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.n = tensor.shape[0]
+        return all_gather(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[rank() * ctx.n : (rank() + 1) * ctx.n]
+
+
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate `tensor` from every rank along dim 0; gradients flow back to every rank.
 
-    The backward pass sums each slice's gradient over the ranks (torch.distributed.nn), so
-    with DDP's gradient averaging the result is the gradient of the mean of all ranks' losses.
+    Each rank's input gets the sum over ranks of the gradients of its slice, so with DDP's
+    gradient averaging the result is the gradient of the mean of all ranks' losses.
     """
     if not is_distributed():
         return tensor
-    return torch.cat(dist_nn.all_gather(tensor), dim=0)
+    return _GatherWithGrad.apply(tensor)
 
 
 def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
