@@ -21,7 +21,9 @@ def class_image(cls: int, i: int, size: int = 40, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
 
 
-def make_labelled(root: Path, classes: int = 3, per_class: int = 8, size: int = 40, seed: int = 0) -> Path:
+def make_labelled(
+    root: Path, classes: int = 3, per_class: int = 8, size: int = 40, seed: int = 0
+) -> Path:
     for c in range(classes):
         folder = root / f"class_{c}"
         folder.mkdir(parents=True, exist_ok=True)

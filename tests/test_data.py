@@ -1,4 +1,4 @@
-"""Image folders: scanning, decoding awkward files, bad files, sharding, deterministic augmentation."""
+"""Image folders: scanning, awkward and bad files, sharding, deterministic augmentation."""
 
 import io
 import os

@@ -104,7 +104,11 @@ def check_moco_shuffle_and_queue(rank: int) -> None:
 
 @pytest.mark.parametrize(
     "check",
-    ["check_supcon_gathered_equals_single_process", "check_gathers", "check_moco_shuffle_and_queue"],
+    [
+        "check_supcon_gathered_equals_single_process",
+        "check_gathers",
+        "check_moco_shuffle_and_queue",
+    ],
 )
 def test_two_gloo_processes(check):
     run_distributed(check)

@@ -57,7 +57,9 @@ def _supcon_reference(features, labels, t, base_t, mode):
     contrast = features.transpose(0, 1).reshape(v * b, -1)
     lab = (labels if labels is not None else torch.arange(b)).repeat(v)
     n_anchor = v * b if mode == "all" else b
-    return ref_supcon(contrast[:n_anchor], lab[:n_anchor], contrast, lab, list(range(n_anchor)), t, base_t)
+    return ref_supcon(
+        contrast[:n_anchor], lab[:n_anchor], contrast, lab, list(range(n_anchor)), t, base_t
+    )
 
 
 @pytest.mark.parametrize("b,v,d", [(2, 2, 4), (6, 2, 8), (5, 3, 16)])
@@ -126,8 +128,11 @@ def test_supcon_queue_with_unique_labels_and_empty_queue_is_info_nce():
     the other images' keys."""
     q, k, queue = unit(6, 8, seed=7), unit(6, 8, seed=8), unit(10, 8, seed=9)
     ours = supcon_queue_loss(q, k, torch.arange(6), queue, torch.full((10,), -1), 0.2, 0.2)
-    expected = sum(
-        ref_info_nce(q[i : i + 1], k[i : i + 1], torch.cat([k[:i], k[i + 1 :], queue]), 0.2)
-        for i in range(6)
-    ) / 6
+    expected = (
+        sum(
+            ref_info_nce(q[i : i + 1], k[i : i + 1], torch.cat([k[:i], k[i + 1 :], queue]), 0.2)
+            for i in range(6)
+        )
+        / 6
+    )
     assert ours.item() == pytest.approx(expected, rel=1e-9)

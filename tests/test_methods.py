@@ -41,8 +41,19 @@ def test_split_batchnorm_equals_batchnorm_per_chunk():
         split.running_mean, (plain[0].running_mean + plain[1].running_mean) / 2
     )
     split.eval()
-    torch.testing.assert_close(split(x), F.batch_norm(x, split.running_mean, split.running_var,
-                                                      split.weight, split.bias, False, 0.0, split.eps))
+    torch.testing.assert_close(
+        split(x),
+        F.batch_norm(
+            x,
+            split.running_mean,
+            split.running_var,
+            split.weight,
+            split.bias,
+            False,
+            0.0,
+            split.eps,
+        ),
+    )
 
 
 def test_split_batchnorm_rejects_uneven_batch():
@@ -109,7 +120,9 @@ def test_momentum_update_is_moco_equation_2():
             p.add_(1.0)
     before = [p.clone() for p in moco.key_encoder.parameters()]
     moco._momentum_update()
-    for pk, pk0, pq in zip(moco.key_encoder.parameters(), before, moco.query_encoder.parameters()):
+    for pk, pk0, pq in zip(
+        moco.key_encoder.parameters(), before, moco.query_encoder.parameters(), strict=True
+    ):
         torch.testing.assert_close(pk, 0.9 * pk0 + 0.1 * pq)
     assert not any(p.requires_grad for p in moco.key_encoder.parameters())
 
@@ -156,11 +169,19 @@ def test_paper_defaults_and_cifar_preset():
     assert (v1.model.head, v1.method.temperature, v1.optim.schedule) == ("linear", 0.07, "step")
     assert (v2.model.head, v2.method.temperature, v2.optim.schedule) == ("mlp", 0.2, "cosine")
     assert (v2.method.queue_size, v2.method.momentum, v2.optim.lr, v2.optim.weight_decay) == (
-        65536, 0.999, 0.03, 1e-4)
+        65536,
+        0.999,
+        0.03,
+        1e-4,
+    )
     assert method_defaults("supcon-queue").method.queue_size == 8192
     c = build_config("moco-v2", preset="cifar")
     assert (c.model.small_stem, c.method.queue_size, c.method.momentum, c.method.temperature) == (
-        True, 4096, 0.99, 0.1)
+        True,
+        4096,
+        0.99,
+        0.1,
+    )
     assert (c.optim.lr, c.optim.weight_decay, c.data.image_size) == (0.06, 5e-4, 32)
 
 
@@ -170,7 +191,7 @@ def test_config_yaml_and_overrides(tmp_path):
     cfg = build_config(None, None, f, {"optim.epochs": 5})
     assert (cfg.method.name, cfg.method.temperature, cfg.optim.epochs) == ("supcon", 0.1, 5)
     f.write_text("optim: {epochz: 3}\n")
-    with pytest.raises(UserError, match="unknown config key 'optim.epochz'"):
+    with pytest.raises(UserError, match=r"unknown config key 'optim\.epochz'"):
         build_config(None, None, f, {})
     with pytest.raises(UserError, match="not divisible"):
         build_config("moco-v2", None, None, {"optim.batch_size": 6, "model.bn_splits": 4})

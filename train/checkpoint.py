@@ -85,7 +85,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a mocoserve checkpoint")
     if int(ckpt.get("version", 0)) > VERSION:
-        raise UserError(f"{path} has checkpoint version {ckpt['version']}; this mocoserve reads {VERSION}")
+        raise UserError(
+            f"{path} has checkpoint version {ckpt['version']}; this mocoserve reads {VERSION}"
+        )
     return ckpt
 
 

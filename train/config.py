@@ -120,7 +120,7 @@ def _plain(obj: Any) -> Any:
 
 
 def method_defaults(method: str) -> TrainConfig:
-    """The paper defaults of a method (MoCo v1/v2, SupCon, SupCon with a MoCo memory, MoCo lincls)."""
+    """The paper defaults of a method: MoCo v1/v2, SupCon, SupCon with a memory, lincls."""
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     cfg = TrainConfig()
@@ -188,8 +188,10 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], source: str = "
     for key, value in overrides.items():
         section_name, _, field_name = key.partition(".")
         section = getattr(cfg, section_name, None)
-        if section is None or not dataclasses.is_dataclass(section) or not field_name:
+        if section is None or not dataclasses.is_dataclass(section):
             raise UserError(f"unknown {source} key {key!r}")
+        if not field_name:
+            raise UserError(f"{source} section {key!r} must be a mapping of its fields")
         fields = {f.name: f for f in dataclasses.fields(section)}
         if field_name not in fields:
             raise UserError(f"unknown {source} key {key!r}")

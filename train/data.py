@@ -1,4 +1,4 @@
-"""Image folders for training: scanning, decoding, deterministic per-sample augmentation, sharding."""
+"""Image folders for training: scanning, decoding, per-sample seeded augmentation, sharding."""
 
 from __future__ import annotations
 
@@ -101,7 +101,9 @@ class ImageDataset(Dataset):
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 if i not in self._reported:
                     self._reported.add(i)
-                    print(f"warning: skipping unreadable image {self.files[i]}: {e}", file=sys.stderr)
+                    print(
+                        f"warning: skipping unreadable image {self.files[i]}: {e}", file=sys.stderr
+                    )
                 continue
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_sample_seed(self.seed, epoch, index))
@@ -188,4 +190,7 @@ def make_loader(
         persistent_workers=persistent and workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=_ignore_preemption_signals if workers > 0 else None,
+        # its own generator: creating an iterator must not draw from the global RNG, or a
+        # resumed run would see different random numbers (augmentations are seeded per sample)
+        generator=torch.Generator().manual_seed(0),
     )

@@ -13,7 +13,6 @@ import os
 import torch
 import torch.distributed as dist
 
-
 # torch 2.14 renamed all_gather_into_tensor; keep working on the releases before it
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -88,7 +87,9 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return tensor
     out = torch.empty(
-        (world_size() * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device
+        (world_size() * tensor.shape[0], *tensor.shape[1:]),
+        dtype=tensor.dtype,
+        device=tensor.device,
     )
     _all_gather_single(out, tensor.contiguous())
     return out

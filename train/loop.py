@@ -31,7 +31,14 @@ from train.config import (
     save_yaml,
     validate,
 )
-from train.data import EpochSampler, FolderIndex, ImageDataset, ShardSampler, make_loader, scan_folder
+from train.data import (
+    EpochSampler,
+    FolderIndex,
+    ImageDataset,
+    ShardSampler,
+    make_loader,
+    scan_folder,
+)
 from train.knn import topk_accuracy, weighted_knn_scores
 from train.methods import LinearProbe, build_method
 
@@ -79,11 +86,11 @@ def prepare_config(
                 f"{ckpt_path} was trained with {key}={get_field(saved_cfg, key)!r}, "
                 f"not {get_field(cfg, key)!r}; it cannot be resumed with different {key}"
             )
-    for key, value in explicit.items():
+    # options given now win; --max-steps and --quiet belong to this invocation only
+    for key in [*explicit, "run.max_steps", "run.progress"]:
         if key not in IDENTITY_FIELDS:
             section, _, name = key.partition(".")
             setattr(getattr(saved_cfg, section), name, get_field(cfg, key))
-            del value
     validate(saved_cfg)
     return saved_cfg, ckpt_path
 
@@ -97,7 +104,9 @@ def _adopt_pretrained_model(cfg: TrainConfig, explicit: dict[str, Any]) -> None:
     pre = checkpoint.load(cfg.method.pretrained)  # type: ignore[arg-type]
     pre_cfg = TrainConfig.from_dict(pre["config"])
     if pre_cfg.method.name == "linear":
-        raise UserError(f"{cfg.method.pretrained} is a linear-probe checkpoint, not a pretraining one")
+        raise UserError(
+            f"{cfg.method.pretrained} is a linear-probe checkpoint, not a pretraining one"
+        )
     for key in ("model.arch", "model.small_stem", "model.head", "model.dim", "model.hidden_dim"):
         if key in explicit and explicit[key] != get_field(pre_cfg, key):
             raise UserError(
@@ -108,8 +117,7 @@ def _adopt_pretrained_model(cfg: TrainConfig, explicit: dict[str, Any]) -> None:
     cfg.model.bn_splits = 1  # the backbone runs in eval mode
     for key in ("data.image_size", "data.eval_resize", "data.mean", "data.std"):
         if key not in explicit:
-            section, _, name = key.partition(".")
-            setattr(cfg.data, name, get_field(pre_cfg, key))
+            setattr(cfg.data, key.partition(".")[2], get_field(pre_cfg, key))
 
 
 class PreemptionFlag:
@@ -196,9 +204,11 @@ def _run_eval(
     world = distributed.world_size()
     gathered = distributed.all_gather(local)  # (W * per_rank) x D, rank-major
     per_rank = local.shape[0]
-    return gathered.view(world, per_rank, -1).transpose(0, 1).reshape(world * per_rank, -1)[
-        : len(index)
-    ]
+    return (
+        gathered.view(world, per_rank, -1)
+        .transpose(0, 1)
+        .reshape(world * per_rank, -1)[: len(index)]
+    )
 
 
 def evaluate(
@@ -268,9 +278,20 @@ def _average_bn_statistics(module: nn.Module) -> None:
             distributed.all_reduce_mean(m.running_var)
 
 
-def fit(cfg: TrainConfig, resume_from: Path | None = None, console: Console | None = None) -> FitResult:
-    """Train `cfg.method` on `cfg.data.root`; resume from a checkpoint if given."""
-    console = console or Console(stderr=True)
+def fit(
+    cfg: TrainConfig, resume_from: Path | None = None, console: Console | None = None
+) -> FitResult:
+    """Train `cfg.method` on `cfg.data.root`; resume from a checkpoint if given.
+
+    SIGTERM/SIGUSR1 at any point (even during set-up) end the run with a checkpoint.
+    """
+    with PreemptionFlag() as preempt:
+        return _fit(cfg, resume_from, console or Console(stderr=True), preempt)
+
+
+def _fit(
+    cfg: TrainConfig, resume_from: Path | None, console: Console, preempt: PreemptionFlag
+) -> FitResult:
     device = distributed.setup(cfg.run.device)
     if cfg.run.device == "cuda" and device.type != "cuda":
         raise UserError("--device cuda was asked for, but no CUDA GPU is available")
@@ -338,7 +359,11 @@ def fit(cfg: TrainConfig, resume_from: Path | None = None, console: Console | No
         start_epoch, step, epoch_step = saved["epoch"], saved["step"], saved["epoch_step"]
         rng_to_restore = saved["rng"]
         if main:
-            where = f"epoch {start_epoch + 1}, batch {epoch_step}" if epoch_step else f"epoch {start_epoch + 1}"
+            where = (
+                f"epoch {start_epoch + 1}, batch {epoch_step}"
+                if epoch_step
+                else f"epoch {start_epoch + 1}"
+            )
             console.print(f"resuming from {resume_from} at {where} (step {step})")
 
     if cfg.run.compile:
@@ -436,7 +461,7 @@ def fit(cfg: TrainConfig, resume_from: Path | None = None, console: Console | No
     last_path: Path | None = None
     last_save = time.monotonic()
     model.train()
-    with PreemptionFlag() as preempt, progress:
+    with progress:
         for epoch in range(start_epoch, cfg.optim.epochs):
             skip = epoch_step if epoch == start_epoch else 0
             sampler.set_epoch(epoch, skip)
@@ -481,9 +506,17 @@ def fit(cfg: TrainConfig, resume_from: Path | None = None, console: Console | No
                     elapsed = time.perf_counter() - window_start
                     ips = window_steps * global_batch / max(elapsed, 1e-9)
                     current_lr = optimizer.param_groups[0]["lr"]
-                    progress.update(task, loss=f"{avg:.4f}", lr=f"{current_lr:.4g}", ips=f"{ips:.0f}")
+                    progress.update(
+                        task, loss=f"{avg:.4f}", lr=f"{current_lr:.4g}", ips=f"{ips:.0f}"
+                    )
                     log.write(
-                        {"epoch": epoch + 1, "step": step, "loss": avg, "lr": current_lr, "images_per_s": ips},
+                        {
+                            "epoch": epoch + 1,
+                            "step": step,
+                            "loss": avg,
+                            "lr": current_lr,
+                            "images_per_s": ips,
+                        },
                         step,
                     )
                     window_loss.zero_()
@@ -492,13 +525,13 @@ def fit(cfg: TrainConfig, resume_from: Path | None = None, console: Console | No
 
                 if cfg.run.max_steps is not None and step >= cfg.run.max_steps:
                     stopped = "max_steps"
-                elif preempt.raised and not distributed.is_distributed():
-                    stopped = "preempted"
-                elif at_log and distributed.any_rank(preempt.raised is not None, device):
+                elif _preempted(preempt, at_log, device):
                     stopped = "preempted"
                 if stopped:
                     done_epoch = in_epoch == steps_per_epoch
-                    last_path = save(epoch + done_epoch, 0 if done_epoch else in_epoch, metrics, False)
+                    last_path = save(
+                        epoch + done_epoch, 0 if done_epoch else in_epoch, metrics, False
+                    )
                     break
                 due = time.monotonic() - last_save > cfg.run.save_minutes * 60
                 if at_log and distributed.any_rank(due and main, device):
@@ -510,7 +543,9 @@ def fit(cfg: TrainConfig, resume_from: Path | None = None, console: Console | No
             metrics = {
                 "epoch": epoch + 1,
                 "step": step,
-                "train_loss": (distributed.all_reduce_mean(epoch_loss) / max(1, epoch_steps)).item(),
+                "train_loss": (
+                    distributed.all_reduce_mean(epoch_loss) / max(1, epoch_steps)
+                ).item(),
             }
             final = epoch + 1 == cfg.optim.epochs
             if val_index is not None and (final or (epoch + 1) % cfg.run.knn_every == 0):
@@ -543,6 +578,13 @@ def fit(cfg: TrainConfig, resume_from: Path | None = None, console: Console | No
         stopped,
         metrics,
     )
+
+
+def _preempted(preempt: PreemptionFlag, at_log: bool, device: torch.device) -> bool:
+    """One process stops at once; ranks agree at log steps, so all stop at the same step."""
+    if not distributed.is_distributed():
+        return preempt.raised is not None
+    return at_log and distributed.any_rank(preempt.raised is not None, device)
 
 
 def _load_pretrained(method: LinearProbe, cfg: TrainConfig) -> dict[str, torch.Tensor]:

@@ -121,4 +121,6 @@ def supcon_queue_loss(
     """
     contrast = torch.cat([k, queue], dim=0)  # (N+K) x D
     contrast_labels = torch.cat([labels.view(-1), queue_labels.view(-1)])  # N+K
-    return _supcon(q, labels.view(-1), contrast, contrast_labels, None, temperature, base_temperature)
+    return _supcon(
+        q, labels.view(-1), contrast, contrast_labels, None, temperature, base_temperature
+    )

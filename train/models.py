@@ -18,7 +18,8 @@ class SplitBatchNorm(nn.BatchNorm2d):
 
     From the MoCo CIFAR-10 demo: in one process it stops the query and key encoders from
     sharing batch statistics, which MoCo's shuffled BN otherwise gets from separate GPUs.
-    Split j holds samples j, j+S, j+2S, ... Eval mode is plain BatchNorm; the state dict is BatchNorm2d's, so exports need nothing.
+    Split j holds samples j, j+S, j+2S, ... Eval mode is plain BatchNorm, and the state
+    dict is BatchNorm2d's, so exports need nothing special.
     """
 
     def __init__(self, num_features: int, num_splits: int, **kwargs: object) -> None:
@@ -81,7 +82,9 @@ def build_head(cfg: ModelConfig, in_dim: int) -> nn.Module:
     if cfg.head == "linear":
         return nn.Linear(in_dim, cfg.dim)
     hidden = cfg.hidden_dim or in_dim
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, cfg.dim))
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, cfg.dim)
+    )
 
 
 class Encoder(nn.Module):

@@ -27,7 +27,8 @@ BatchSizeOpt = Annotated[
 EpochsOpt = Annotated[int | None, typer.Option("--epochs", help="Epochs to train for.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", help="YAML file with data/model/method/optim/run sections.")
+    Path | None,
+    typer.Option("--config", help="YAML file with data/model/method/optim/run sections."),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 

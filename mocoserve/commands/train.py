@@ -1,4 +1,4 @@
-"""`mocoserve train` and `mocoserve lincls`: pretraining and the linear probe (imports train lazily)."""
+"""`mocoserve train` and `mocoserve lincls` (the train package is imported inside the commands)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ ValOpt = Annotated[
 ]
 ResumeOpt = Annotated[
     str | None,
-    typer.Option("--resume", help="'auto' (latest checkpoint in --out, if any) or a checkpoint path."),
+    typer.Option(
+        "--resume", help="'auto' (latest checkpoint in --out, if any) or a checkpoint path."
+    ),
 ]
 LrOpt = Annotated[
     float | None, typer.Option("--lr", help="Learning rate per --lr-batch images (default 256).")
@@ -48,9 +50,7 @@ def _fit(
     from train.loop import fit, prepare_config
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    cfg, ckpt = prepare_config(
-        method, preset, str(config) if config else None, overrides, resume
-    )
+    cfg, ckpt = prepare_config(method, preset, str(config) if config else None, overrides, resume)
     try:
         result = fit(cfg, ckpt)
         main = distributed.is_main()
@@ -58,9 +58,13 @@ def _fit(
         distributed.teardown()
     if main:
         if result.stopped == "max_steps":
-            print(f"stopped after {result.step} steps (--max-steps); checkpoint: {result.checkpoint}")
+            print(
+                f"stopped after {result.step} steps (--max-steps); checkpoint: {result.checkpoint}"
+            )
         elif result.stopped is None:
-            print(f"done: {result.epoch} epochs, {result.step} steps; checkpoint: {result.checkpoint}")
+            print(
+                f"done: {result.epoch} epochs, {result.step} steps; checkpoint: {result.checkpoint}"
+            )
 
 
 @app.command()

@@ -1,0 +1,362 @@
+"""`mocoserve train` / `lincls` end to end on tiny folders: resume, pre-emption, torchrun."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mocoserve.cli import app
+from train import checkpoint
+
+runner = CliRunner()
+TINY = ["--arch", "resnet18", "--image-size", "32", "--dim", "16", "--workers", "0", "-q"]
+
+
+def train(*args: str):
+    result = runner.invoke(app, ["train", *args])
+    return result
+
+
+def assert_user_error(result, message: str):
+    assert result.exit_code == 2, result.output
+    assert f"error: {message}" in result.output or message in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def state_of(path: Path) -> dict:
+    return checkpoint.load(path)["model"]
+
+
+@pytest.mark.parametrize("method", ["moco-v1", "moco-v2", "supcon", "supcon-queue"])
+def test_each_method_end_to_end(method, labelled_dir, val_dir, tmp_path):
+    out = tmp_path / "run"
+    result = train(
+        str(labelled_dir),
+        "--method",
+        method,
+        "--epochs",
+        "2",
+        "-b",
+        "8",
+        "-K",
+        "20",
+        "--bn-splits",
+        "2",
+        "--val",
+        str(val_dir),
+        "--knn-every",
+        "1",
+        "--out",
+        str(out),
+        *TINY,
+    )
+    assert result.exit_code == 0, result.output
+    assert "done: 2 epochs, 6 steps" in result.output
+    assert (out / "config.yaml").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert steps and all(r["images_per_s"] > 0 and r["lr"] > 0 for r in steps[:-1])
+    epochs = [r for r in records if "train_loss" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert all(0 <= r["knn_top1"] <= 100 for r in epochs)
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    ckpt = checkpoint.load(out / "checkpoints" / "last.pt")
+    assert ckpt["method"] == method and ckpt["epoch"] == 2 and ckpt["step"] == 6
+    assert {"model", "optimizer", "scaler", "scheduler", "rng", "config"} <= set(ckpt)
+    assert (out / "checkpoints" / "epoch_0002.pt").is_file()
+    if method != "supcon":
+        assert ckpt["model"]["queue"].shape == (20, 16)
+        assert int(ckpt["model"]["queue_ptr"]) == (6 * 8) % 20
+
+
+def test_unlabelled_folder_trains_moco(flat_dir, val_dir, tmp_path):
+    result = train(
+        str(flat_dir),
+        "--epochs",
+        "1",
+        "-b",
+        "8",
+        "-K",
+        "16",
+        "--val",
+        str(val_dir),
+        "--out",
+        str(tmp_path / "r"),
+        *TINY,
+    )
+    assert result.exit_code == 0, result.output
+    assert "knn_top1" in (tmp_path / "r" / "metrics.jsonl").read_text()  # leave-one-out on val
+
+
+def test_linear_probe_keeps_backbone_and_reports(labelled_dir, val_dir, tmp_path):
+    pre = tmp_path / "pre"
+    assert (
+        train(
+            str(labelled_dir), "--epochs", "1", "-b", "8", "-K", "16", "--out", str(pre), *TINY
+        ).exit_code
+        == 0
+    )
+    result = runner.invoke(
+        app,
+        [
+            "lincls",
+            str(labelled_dir),
+            "--pretrained",
+            str(pre / "checkpoints" / "last.pt"),
+            "--val",
+            str(val_dir),
+            "--epochs",
+            "2",
+            "-b",
+            "8",
+            "--workers",
+            "0",
+            "-q",
+            "--out",
+            str(tmp_path / "lin"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "lin" / "lincls.json").read_text())
+    assert 0 <= report["val_top1"] <= report["val_top5"] <= 100
+    lin = state_of(tmp_path / "lin" / "checkpoints" / "last.pt")
+    base = state_of(pre / "checkpoints" / "last.pt")
+    for key, value in base.items():  # the fit ran the sanity check too; check it here again
+        if key.startswith("query_encoder.backbone."):
+            assert torch.equal(lin[key], value), key
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, labelled_dir, flat_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = str(tmp_path / "o")
+    assert_user_error(train(str(tmp_path / "nope"), "--out", out, *TINY), "image folder not found")
+    assert_user_error(train(str(empty), "--out", out, *TINY), "no images in")
+    assert_user_error(
+        train(str(flat_dir), "--method", "supcon", "-b", "8", "--out", out, *TINY),
+        "supcon needs labels",
+    )
+    assert_user_error(
+        train(str(labelled_dir), "-b", "64", "--out", out, *TINY), "larger than the dataset"
+    )
+    assert_user_error(
+        train(str(labelled_dir), "--method", "byol", "--out", out, *TINY), "unknown method"
+    )
+    assert_user_error(
+        train(str(labelled_dir), "--arch", "vgg11", "--out", out, "-b", "8"), "unknown --arch"
+    )
+    not_ckpt = tmp_path / "weights.pt"
+    torch.save({"hello": torch.zeros(1)}, not_ckpt)
+    assert_user_error(
+        train(str(labelled_dir), "--resume", str(not_ckpt), "--out", out, *TINY),
+        "is not a mocoserve checkpoint",
+    )
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a zip")
+    assert_user_error(
+        runner.invoke(
+            app, ["lincls", str(labelled_dir), "--pretrained", str(garbage), "--out", out]
+        ),
+        "is not a readable mocoserve checkpoint",
+    )
+
+
+def test_resume_with_another_method_or_arch_is_refused(labelled_dir, tmp_path):
+    out = str(tmp_path / "r")
+    assert (
+        train(
+            str(labelled_dir), "--epochs", "1", "-b", "8", "-K", "16", "--out", out, *TINY
+        ).exit_code
+        == 0
+    )
+    assert_user_error(
+        train(
+            str(labelled_dir),
+            "--method",
+            "supcon",
+            "--resume",
+            "auto",
+            "-b",
+            "8",
+            "--out",
+            out,
+            *TINY,
+        ),
+        "was trained with method.name='moco-v2', not 'supcon'",
+    )
+    assert_user_error(
+        train(str(labelled_dir), "--resume", "auto", "--out", out, *TINY[2:], "--arch", "resnet34"),
+        "was trained with model.arch='resnet18'",
+    )
+    # more epochs on resume is allowed; the rest of the config comes from the checkpoint
+    result = train(str(labelled_dir), "--resume", "auto", "--epochs", "2", "--out", out, "-q")
+    assert result.exit_code == 0, result.output
+    assert checkpoint.load(Path(out) / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def test_yaml_config_is_read_and_saved(labelled_dir, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("method: {name: moco-v1, queue_size: 12}\noptim: {epochs: 1, batch_size: 8}\n")
+    out = tmp_path / "r"
+    result = train(str(labelled_dir), "--config", str(cfg), "--out", str(out), *TINY)
+    assert result.exit_code == 0, result.output
+    saved = (out / "config.yaml").read_text()
+    assert "name: moco-v1" in saved and "queue_size: 12" in saved
+    cfg.write_text("optim: [1, 2]\n")
+    assert_user_error(
+        train(str(labelled_dir), "--config", str(cfg), "--out", str(out), *TINY),
+        "section 'optim' must be a mapping",
+    )
+
+
+def test_mid_epoch_stop_and_resume_is_exact(flat_dir, tmp_path):
+    """--max-steps stops inside an epoch; resuming continues with the same batches and RNG."""
+    args = [str(flat_dir), "--epochs", "2", "-b", "4", "-K", "10", "--bn-splits", "2", *TINY]
+    assert train(*args, "--out", str(tmp_path / "a")).exit_code == 0
+    first = train(*args, "--out", str(tmp_path / "b"), "--max-steps", "8")
+    assert first.exit_code == 0 and "stopped after 8 steps" in first.output, first.output
+    ckpt = checkpoint.load(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert (ckpt["epoch"], ckpt["epoch_step"]) == (1, 2)  # 6 steps per epoch
+    assert train(*args, "--out", str(tmp_path / "b"), "--resume", "auto").exit_code == 0
+    a = checkpoint.load(tmp_path / "a" / "checkpoints" / "last.pt")
+    b = checkpoint.load(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 12
+    a, b = a["model"], b["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mocoserve", "train", *args]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def test_sigkill_then_resume_auto_matches_uninterrupted_run(flat_dir, tmp_path):
+    args = [
+        str(flat_dir),
+        "--epochs",
+        "3",
+        "-b",
+        "4",
+        "-K",
+        "10",
+        "--bn-splits",
+        "2",
+        "--save-every",
+        "1",
+        "--seed",
+        "7",
+        *TINY[:-3],
+        "--workers",
+        "2",
+        "-q",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    clean = subprocess.run(
+        _cli(*args, "--out", str(tmp_path / "clean")), env=env, capture_output=True, text=True
+    )
+    assert clean.returncode == 0, clean.stderr
+    killed_out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _cli(*args, "--out", str(killed_out)),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    _wait_for(killed_out / "checkpoints" / "epoch_0001.pt", proc)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed_out / "checkpoints" / "epoch_0003.pt").exists()
+    resumed = subprocess.run(
+        _cli(*args, "--out", str(killed_out), "--resume", "auto"),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    a = checkpoint.load(tmp_path / "clean" / "checkpoints" / "last.pt")
+    b = checkpoint.load(killed_out / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 18
+    for key in a["model"]:  # weights, BN statistics, key encoder, queue and its pointer
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(flat_dir, tmp_path):
+    out = tmp_path / "r"
+    args = [str(flat_dir), "--epochs", "50", "-b", "4", "-K", "10", "--out", str(out), *TINY]
+    proc = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(out / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "received SIGTERM" in err and "Traceback" not in err
+    ckpt = checkpoint.load(out / "checkpoints" / "last.pt")
+    assert 0 < ckpt["step"] < 50 * 6
+    resumed = subprocess.run(
+        _cli(*args, "--resume", "auto", "--max-steps", str(ckpt["step"] + 1)),
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert checkpoint.load(out / "checkpoints" / "last.pt")["step"] == ckpt["step"] + 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+    reason="torchrun not installed",
+)
+@pytest.mark.parametrize("method", ["moco-v1", "moco-v2", "supcon", "supcon-queue"])
+def test_torchrun_two_gloo_processes(method, labelled_dir, val_dir, tmp_path):
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    out = tmp_path / "ddp"
+    cmd = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "mocoserve",
+        "train",
+        str(labelled_dir),
+        "--method",
+        method,
+        "--epochs",
+        "2",
+        "-b",
+        "4",
+        "-K",
+        "20",
+        "--val",
+        str(val_dir),
+        "--knn-every",
+        "1",
+        "--out",
+        str(out),
+        *TINY,
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es) on cpu" in result.stderr and "global 8" in result.stderr
+    assert result.stdout.count("done: 2 epochs, 6 steps") == 1  # printed by rank 0 only
+    ckpt = checkpoint.load(out / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 6
+    if method != "supcon":
+        assert int(ckpt["model"]["queue_ptr"]) == (6 * 8) % 20  # keys of both ranks enqueued
