@@ -1,0 +1,171 @@
+"""Training throughput of `mocoserve train`, measured in one run.
+
+Prints images/s for MoCo on one device:
+  - model only: synthetic tensors already on the device (the bound the data pipeline chases),
+    eager and, with --compile, torch.compile'd encoders;
+  - end to end: `mocoserve train` on a folder of generated JPEGs (decode + augment + train),
+and the ratios between them. Usage (GPU): python benchmarks/train_throughput.py --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train.config import build_config
+from train.loop import _autocast, fit
+from train.methods import build_method
+
+
+def _write_jpeg(args: tuple[Path, int, int]) -> None:
+    path, i, size = args
+    rng = np.random.default_rng(i)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    base = rng.uniform(0, 255, 3)
+    img = (
+        base
+        * (0.5 + 0.5 * np.sin(6.28 * (xx * rng.uniform(1, 5) + yy * rng.uniform(1, 5))))[..., None]
+    )
+    img = img + rng.normal(0, 12, (size, size, 3))
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def make_folder(root: Path, n: int, size: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    with Pool(os.cpu_count()) as pool:
+        pool.map(_write_jpeg, [(root / f"{i:06d}.jpg", i, size) for i in range(n)], chunksize=64)
+    return root
+
+
+def model_only(args: argparse.Namespace, compile_model: bool) -> float:
+    cfg = build_config(
+        "moco-v2",
+        overrides={
+            "model.arch": args.arch,
+            "optim.batch_size": args.batch_size,
+            "run.precision": args.precision,
+        },
+    )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
+    method = build_method(cfg).to(device)
+    if device.type == "cuda":
+        method.to(memory_format=torch.channels_last)
+    if compile_model:
+        method.query_encoder.compile()
+        method.key_encoder.compile()
+    opt = torch.optim.SGD(
+        [p for p in method.parameters() if p.requires_grad], lr=0.03, momentum=0.9
+    )
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    views = [
+        torch.randn(args.batch_size, 3, 224, 224, device=device).to(memory_format=fmt)
+        for _ in range(2)
+    ]
+    labels = torch.zeros(args.batch_size, dtype=torch.long, device=device)
+
+    def step() -> None:
+        with _autocast(device, cfg):
+            loss = method(views, labels)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return args.steps * args.batch_size / (time.perf_counter() - start)
+
+
+def end_to_end(args: argparse.Namespace, folder: Path, compile_model: bool) -> float:
+    out = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    cfg = build_config(
+        "moco-v2",
+        overrides={
+            "data.root": str(folder),
+            "data.workers": args.workers,
+            "model.arch": args.arch,
+            "optim.batch_size": args.batch_size,
+            "optim.epochs": 1000,
+            "run.out": str(out),
+            "run.precision": args.precision,
+            "run.compile": compile_model,
+            "run.max_steps": args.warmup + args.steps,
+            "run.log_every": args.warmup,
+            "run.progress": False,
+        },
+    )
+    fit(cfg)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    windows = [r for r in records if "images_per_s" in r and r["step"] > args.warmup]
+    # mean over the windows after warm-up, weighted by steps (log_every steps each)
+    return float(np.mean([r["images_per_s"] for r in windows]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--images", type=int, default=6000)
+    p.add_argument("--image-px", type=int, default=256)
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    p.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    p.add_argument("--skip-end-to-end", action="store_true")
+    p.add_argument("--json", type=Path, help="write the results here")
+    args = p.parse_args()
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    results: dict[str, object] = {
+        "device": device,
+        "torch": torch.__version__,
+        "arch": args.arch,
+        "batch_size": args.batch_size,
+        "precision": args.precision if torch.cuda.is_available() else "fp32",
+    }
+    results["model_only_eager"] = model_only(args, compile_model=False)
+    print(f"model only, eager:     {results['model_only_eager']:8.0f} img/s", flush=True)
+    if args.compile:
+        results["model_only_compiled"] = model_only(args, compile_model=True)
+        print(f"model only, compiled:  {results['model_only_compiled']:8.0f} img/s", flush=True)
+    if not args.skip_end_to_end:
+        folder = make_folder(
+            Path(tempfile.mkdtemp(prefix="bench-jpegs-")), args.images, args.image_px
+        )
+        results["end_to_end_eager"] = end_to_end(args, folder, compile_model=False)
+        print(f"end to end, eager:     {results['end_to_end_eager']:8.0f} img/s", flush=True)
+        if args.compile:
+            results["end_to_end_compiled"] = end_to_end(args, folder, compile_model=True)
+            print(f"end to end, compiled:  {results['end_to_end_compiled']:8.0f} img/s", flush=True)
+        results["workers"] = args.workers
+        ratio = results["end_to_end_eager"] / results["model_only_eager"]  # type: ignore[operator]
+        print(f"end to end / model only (eager): {ratio:.2f}")
+    if args.compile:
+        speedup = results["model_only_compiled"] / results["model_only_eager"]  # type: ignore[operator]
+        print(f"compiled / eager (model only):   {speedup:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
