@@ -50,13 +50,14 @@ def _odd(k: int) -> int:
 def train_transform(cfg: DataConfig) -> v2.Transform:
     """One random view of an RGB PIL image, per the config's recipe."""
     size = cfg.image_size
-    crop = v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True)
+    crop = v2.RandomResizedCrop(size, scale=(cfg.min_crop_scale, 1.0), antialias=True)
+    flip: list[v2.Transform] = [v2.RandomHorizontalFlip()] if cfg.hflip else []
     if cfg.augmentation == "moco-v1":
         ops: list[v2.Transform] = [
             crop,
             v2.RandomGrayscale(p=0.2),
             v2.ColorJitter(0.4, 0.4, 0.4, 0.4),
-            v2.RandomHorizontalFlip(),
+            *flip,
         ]
     elif cfg.augmentation in ("moco-v2", "supcon"):
         ops = [
@@ -66,9 +67,9 @@ def train_transform(cfg: DataConfig) -> v2.Transform:
         ]
         if cfg.blur:
             ops.append(v2.RandomApply([PILGaussianBlur((0.1, 2.0))], p=0.5))
-        ops.append(v2.RandomHorizontalFlip())
+        ops.extend(flip)
     elif cfg.augmentation == "linear":
-        ops = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+        ops = [v2.RandomResizedCrop(size, antialias=True), *flip]
     else:
         raise ValueError(f"unknown augmentation {cfg.augmentation!r}")
     return v2.Compose(ops + _to_normalized_tensor(cfg))

@@ -29,6 +29,8 @@ class DataConfig:
     eval_resize: int | None = None  # shorter side before the centre crop; None: size * 256/224
     augmentation: str = "moco-v2"  # moco-v1 | moco-v2 | supcon | linear
     blur: bool = True  # Gaussian blur in the moco-v2/supcon recipes (off for tiny images)
+    hflip: bool = True  # off where mirroring changes meaning (digits, text)
+    min_crop_scale: float = 0.2  # RandomResizedCrop's smallest area fraction
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     workers: int = 4
