@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import typer
 
+from mocoserve.commands import demo as demo_commands
 from mocoserve.commands import train as train_commands
 
 app = typer.Typer(
@@ -17,6 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(train_commands.app)
+app.add_typer(demo_commands.app)
 
 
 def main() -> None:

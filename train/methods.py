@@ -19,8 +19,8 @@ from train.losses import info_nce, supcon_loss, supcon_queue_loss
 from train.models import Encoder
 
 
-class MomentumQueueMixin(nn.Module):
-    """A momentum (key) encoder, shuffled BN for its forward pass, and a queue of its keys."""
+class MomentumQueueMethod(nn.Module):
+    """A query encoder, its momentum (key) encoder with shuffled BN, and a queue of keys."""
 
     query_encoder: Encoder
     key_encoder: Encoder
@@ -28,12 +28,18 @@ class MomentumQueueMixin(nn.Module):
     queue_labels: torch.Tensor  # K (-1: no label)
     queue_ptr: torch.Tensor  # 1
 
-    def _init_momentum(self, queue_size: int, dim: int, momentum: float, bn_splits: int) -> None:
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.query_encoder = Encoder(cfg.model)
         self.key_encoder = copy.deepcopy(self.query_encoder)
         for p in self.key_encoder.parameters():
             p.requires_grad_(False)
-        self.momentum = momentum
-        self.bn_splits = bn_splits
+        self.temperature = cfg.method.temperature
+        self.base_temperature = cfg.method.base_temperature
+        self.shuffle_bn = cfg.method.shuffle_bn
+        self.momentum = cfg.method.momentum
+        self.bn_splits = cfg.model.bn_splits
+        queue_size, dim = cfg.method.queue_size, cfg.model.dim
         # random unit vectors as the first negatives, as in MoCo
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))
         self.register_buffer("queue_labels", torch.full((queue_size,), -1, dtype=torch.long))
@@ -88,20 +94,11 @@ class MomentumQueueMixin(nn.Module):
         return k_all[unshuffle]
 
 
-class MoCo(MomentumQueueMixin):
+class MoCo(MomentumQueueMethod):
     """MoCo v1/v2 (He et al. 2020; Chen et al. 2020): InfoNCE against a queue of momentum keys."""
 
     num_views = 2
     needs_labels = False
-
-    def __init__(self, cfg: TrainConfig) -> None:
-        super().__init__()
-        self.query_encoder = Encoder(cfg.model)
-        self.temperature = cfg.method.temperature
-        self.shuffle_bn = cfg.method.shuffle_bn
-        self._init_momentum(
-            cfg.method.queue_size, cfg.model.dim, cfg.method.momentum, cfg.model.bn_splits
-        )
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         im_q, im_k = views[0], views[1]
@@ -143,21 +140,11 @@ class SupCon(nn.Module):
         return {"loss": loss}
 
 
-class SupConQueue(MomentumQueueMixin):
+class SupConQueue(MomentumQueueMethod):
     """SupCon with a MoCo-style momentum encoder and a queue of keys with their labels."""
 
     num_views = 2
     needs_labels = True
-
-    def __init__(self, cfg: TrainConfig) -> None:
-        super().__init__()
-        self.query_encoder = Encoder(cfg.model)
-        self.temperature = cfg.method.temperature
-        self.base_temperature = cfg.method.base_temperature
-        self.shuffle_bn = cfg.method.shuffle_bn
-        self._init_momentum(
-            cfg.method.queue_size, cfg.model.dim, cfg.method.momentum, cfg.model.bn_splits
-        )
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         q = F.normalize(self.query_encoder(views[0]).float(), dim=1)  # N x D

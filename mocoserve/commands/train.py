@@ -177,17 +177,19 @@ def lincls(
     quiet: QuietOpt = False,
 ) -> None:
     """Linear probe (MoCo protocol): train a linear classifier on a frozen pretrained backbone."""
-    overrides = {
-        "data.root": str(data),
-        "data.val": str(val) if val else None,
-        "data.workers": workers,
-        "method.pretrained": str(pretrained),
-        "optim.epochs": epochs,
-        "optim.batch_size": batch_size,
-        "optim.lr": lr,
-        "run.out": str(out),
-        "run.seed": seed,
-        "run.device": device,
-        "run.progress": False if quiet else None,
-    }
-    guarded(lambda: _fit("linear", None, config, overrides, resume))
+    train(
+        data,
+        method="linear",
+        pretrained=pretrained,
+        val=val,
+        epochs=epochs,
+        batch_size=batch_size,
+        out=out,
+        lr=lr,
+        resume=resume,
+        seed=seed,
+        device=device,
+        workers=workers,
+        config=config,
+        quiet=quiet,
+    )

@@ -1,0 +1,28 @@
+"""The main job: scikit-learn's digits as an image folder, and `mocoserve demo` end to end."""
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from mocoserve.cli import app
+from mocoserve.demo import write_digits
+from train.data import scan_folder
+
+
+def test_write_digits_makes_a_labelled_split(tmp_path):
+    train_dir, val_dir = write_digits(tmp_path)
+    train, val = scan_folder(train_dir), scan_folder(val_dir)
+    assert train.classes == [str(d) for d in range(10)] == val.classes
+    assert len(train) + len(val) == 1797 and len(val) == 360
+    assert not {p.name for p in train.files} & {p.name for p in val.files}
+    with Image.open(train.files[0]) as img:
+        assert img.size == (32, 32) and img.mode == "RGB"
+
+
+@pytest.mark.slow
+def test_demo_command_runs_and_reports_both_accuracies(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert "random weights" in result.output and "MoCo v2 (1 epochs)" in result.output
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+    assert "knn_top1" in (tmp_path / "run" / "metrics.jsonl").read_text()
