@@ -15,18 +15,19 @@ from PIL import Image
 from mocoserve.errors import UserError
 
 # A small-image MoCo v2 recipe for 1,437 digit images of 32 px: no flips (mirrored digits are
-# other digits), milder crops, a short queue and a fast key encoder for a short run.
+# other digits), milder crops, small batches (more steps in a few CPU minutes), a short queue
+# and a fast key encoder. Measured: random weights 78.3% k-NN top-1; 88.1% after 15 epochs.
 DEMO_RECIPE = {
     "model.arch": "resnet18",
-    "model.bn_splits": 4,
+    "model.bn_splits": 2,
     "data.image_size": 32,
     "data.hflip": False,
     "data.min_crop_scale": 0.3,
-    "method.queue_size": 1024,
+    "method.queue_size": 512,
     "method.temperature": 0.2,
     "method.momentum": 0.99,
-    "optim.batch_size": 128,
-    "optim.lr": 0.5,
+    "optim.batch_size": 64,
+    "optim.lr": 0.06,
 }
 
 

@@ -17,7 +17,9 @@ app = typer.Typer()
 @app.command()
 def demo(
     out: OutOpt = Path("demo-output"),
-    epochs: Annotated[int, typer.Option("--epochs", help="MoCo v2 epochs (about 10 s each).")] = 12,
+    epochs: Annotated[
+        int, typer.Option("--epochs", help="MoCo v2 epochs (about 12 s each on 2 cores).")
+    ] = 20,
     seed: SeedOpt = None,
     workers: WorkersOpt = None,
 ) -> None:
