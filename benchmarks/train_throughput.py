@@ -95,13 +95,16 @@ def model_only(args: argparse.Namespace, compile_model: bool) -> float:
     return args.steps * args.batch_size / (time.perf_counter() - start)
 
 
-def end_to_end(args: argparse.Namespace, folder: Path, compile_model: bool) -> float:
+def end_to_end(
+    args: argparse.Namespace, folder: Path, compile_model: bool, gpu_augment: bool = False
+) -> float:
     out = Path(tempfile.mkdtemp(prefix="bench-train-"))
     cfg = build_config(
         "moco-v2",
         overrides={
             "data.root": str(folder),
             "data.workers": args.workers,
+            "data.gpu_augment": gpu_augment,
             "model.arch": args.arch,
             "optim.batch_size": args.batch_size,
             "optim.epochs": 1000,
@@ -132,6 +135,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     p.add_argument("--compile", action="store_true", help="also measure torch.compile")
     p.add_argument("--skip-end-to-end", action="store_true")
+    p.add_argument("--gpu-augment", action="store_true", help="also end to end with --gpu-augment")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args()
 
@@ -154,6 +158,14 @@ def main() -> None:
         )
         results["end_to_end_eager"] = end_to_end(args, folder, compile_model=False)
         print(f"end to end, eager:     {results['end_to_end_eager']:8.0f} img/s", flush=True)
+        if args.gpu_augment:
+            results["end_to_end_gpu_augment"] = end_to_end(args, folder, False, gpu_augment=True)
+            print(
+                f"end to end, eager, --gpu-augment: {results['end_to_end_gpu_augment']:8.0f} img/s",
+                flush=True,
+            )
+            ratio = results["end_to_end_gpu_augment"] / results["model_only_eager"]  # type: ignore[operator]
+            print(f"end to end --gpu-augment / model only (eager): {ratio:.2f}")
         if args.compile:
             results["end_to_end_compiled"] = end_to_end(args, folder, compile_model=True)
             print(f"end to end, compiled:  {results['end_to_end_compiled']:8.0f} img/s", flush=True)

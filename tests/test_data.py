@@ -148,3 +148,48 @@ def test_augmentation_does_not_depend_on_workers(labelled_dir):
     torch.testing.assert_close(a, b)
     torch.manual_seed(0)
     assert not torch.equal(a[:4], a[4:8])  # the two views differ
+
+
+def test_batched_color_augment_matches_torchvision_per_image():
+    from torchvision.transforms.v2 import functional as TF
+
+    from train.augment import color_augment_batch
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5, 3, 12, 12), generator=g, dtype=torch.uint8)
+    params = torch.tensor(
+        [  # brightness, contrast, saturation, hue, gray, sigma
+            [1.0, 1.0, 1.0, 0.0, 0.0, 0.0],
+            [1.3, 0.7, 1.2, 0.08, 0.0, 0.0],
+            [0.6, 1.4, 0.6, -0.1, 0.0, 0.0],
+            [1.1, 0.9, 1.3, 0.4, 1.0, 0.0],
+            [0.8, 1.2, 1.0, -0.35, 0.0, 1.3],
+        ]
+    )
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    ours = color_augment_batch(images, params, mean, std)
+    for i in range(5):
+        b, c, s, h, gray, sigma = params[i].tolist()
+        x = images[i].float() / 255
+        x = TF.adjust_hue(
+            TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x, b), c), s), h
+        )
+        if gray:
+            x = TF.rgb_to_grayscale(x, num_output_channels=3)
+        if sigma:
+            x = TF.gaussian_blur(x, [13, 13], [sigma, sigma])
+        x = TF.normalize(x, list(mean), list(std))
+        torch.testing.assert_close(ours[i], x, rtol=1e-4, atol=1e-4)
+
+
+def test_gpu_augment_views_are_uint8_crops_with_seeded_params(labelled_dir):
+    from train.augment import GeometricView
+
+    index = scan_folder(labelled_dir)
+    cfg = DataConfig(image_size=16, gpu_augment=True)
+    ds = ImageDataset(index.files, index.labels, MultiView(GeometricView(cfg), 2), seed=1)
+    (v1, p1), (v2_, p2) = ds[(3, 0)][0]
+    assert v1.dtype == torch.uint8 and v1.shape == (3, 16, 16) and p1.shape == (6,)
+    again = ds[(3, 0)][0]
+    assert torch.equal(again[0][0], v1) and torch.equal(again[1][1], p2)
+    assert not torch.equal(v1, v2_) or not torch.equal(p1, p2)

@@ -77,6 +77,18 @@ def test_each_method_end_to_end(method, labelled_dir, val_dir, tmp_path):
         assert int(ckpt["model"]["queue_ptr"]) == (6 * 8) % 20
 
 
+def test_gpu_augment_trains_and_resumes_exactly(flat_dir, tmp_path):
+    """--gpu-augment on the CPU: same code path as on a GPU; still deterministic on resume."""
+    args = [str(flat_dir), "--epochs", "2", "-b", "4", "-K", "10", "--gpu-augment", *TINY]
+    assert train(*args, "--out", str(tmp_path / "a")).exit_code == 0
+    assert train(*args, "--out", str(tmp_path / "b"), "--max-steps", "7").exit_code == 0
+    assert train(*args, "--out", str(tmp_path / "b"), "--resume", "auto").exit_code == 0
+    a = state_of(tmp_path / "a" / "checkpoints" / "last.pt")
+    b = state_of(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "gpu_augment: true" in (tmp_path / "a" / "config.yaml").read_text()
+
+
 def test_unlabelled_folder_trains_moco(flat_dir, val_dir, tmp_path):
     result = train(
         str(flat_dir),

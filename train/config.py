@@ -31,6 +31,7 @@ class DataConfig:
     blur: bool = True  # Gaussian blur in the moco-v2/supcon recipes (off for tiny images)
     hflip: bool = True  # off where mirroring changes meaning (digits, text)
     min_crop_scale: float = 0.2  # RandomResizedCrop's smallest area fraction
+    gpu_augment: bool = False  # workers crop/flip only; colour jitter, gray, blur on the device
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     workers: int = 4

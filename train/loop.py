@@ -20,7 +20,13 @@ from torch import nn
 
 from mocoserve.errors import UserError
 from train import checkpoint, distributed
-from train.augment import MultiView, eval_transform, train_transform
+from train.augment import (
+    GeometricView,
+    MultiView,
+    color_augment_batch,
+    eval_transform,
+    train_transform,
+)
 from train.config import (
     IDENTITY_FIELDS,
     TrainConfig,
@@ -268,6 +274,28 @@ def _to_device(x: torch.Tensor, device: torch.device, cfg: TrainConfig) -> torch
     return x.to(device, non_blocking=True)
 
 
+def _uses_gpu_augment(cfg: TrainConfig) -> bool:
+    return cfg.data.gpu_augment and cfg.data.augmentation != "linear"
+
+
+def _views_to_device(views: list, device: torch.device, cfg: TrainConfig) -> list[torch.Tensor]:
+    """A batch's views on the device, normalised; with gpu_augment, colour-augmented there."""
+    if not _uses_gpu_augment(cfg):
+        return [_to_device(v, device, cfg) for v in views]
+    out = []
+    for images, params in views:  # uint8 B x 3 x H x W (4x less to copy), B x 6
+        x = color_augment_batch(
+            images.to(device, non_blocking=True),
+            params.to(device, non_blocking=True),
+            tuple(cfg.data.mean),
+            tuple(cfg.data.std),
+        )
+        if device.type == "cuda" and cfg.run.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out.append(x)
+    return out
+
+
 def _average_bn_statistics(module: nn.Module) -> None:
     """Each DDP rank keeps its own BN running stats; average them before eval and saving."""
     if distributed.world_size() == 1:
@@ -378,7 +406,10 @@ def _fit(
     dataset = ImageDataset(
         train_index.files,
         train_index.labels,
-        MultiView(train_transform(cfg.data), views),
+        MultiView(
+            GeometricView(cfg.data) if _uses_gpu_augment(cfg) else train_transform(cfg.data),
+            views,
+        ),
         cfg.run.seed,
     )
     loader = make_loader(
@@ -479,7 +510,7 @@ def _fit(
             window_start = time.perf_counter()
             in_epoch = skip
             for images, labels in loader:
-                images = [_to_device(v, device, cfg) for v in images]
+                images = _views_to_device(images, device, cfg)
                 labels = labels.to(device, non_blocking=True)
                 with _autocast(device, cfg):
                     loss = model(images, labels)["loss"]

@@ -123,6 +123,13 @@ def train(
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", help="Stop, with a checkpoint, after N steps.")
     ] = None,
+    gpu_augment: Annotated[
+        bool | None,
+        typer.Option(
+            "--gpu-augment/--cpu-augment",
+            help="Colour jitter, grayscale and blur batched on the device; workers only crop.",
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Pretrain an image encoder (MoCo v1/v2, SupCon, SupCon with a queue) on an image folder.
@@ -134,6 +141,7 @@ def train(
         "data.val": str(val) if val else None,
         "data.workers": workers,
         "data.image_size": image_size,
+        "data.gpu_augment": gpu_augment,
         "model.arch": arch,
         "model.bn_splits": bn_splits,
         "model.dim": dim,
