@@ -16,7 +16,7 @@ from mocoserve.errors import UserError
 
 # A small-image MoCo v2 recipe for 1,437 digit images of 32 px: no flips (mirrored digits are
 # other digits), milder crops, small batches (more steps in a few CPU minutes), a short queue
-# and a fast key encoder. Measured: random weights 78.3% k-NN top-1; 88.1% after 15 epochs.
+# and a fast key encoder. Measured: random weights 78.3% k-NN top-1; 90.0% after 20 epochs.
 DEMO_RECIPE = {
     "model.arch": "resnet18",
     "model.bn_splits": 2,
