@@ -8,6 +8,7 @@ from __future__ import annotations
 import typer
 
 from mocoserve.commands import demo as demo_commands
+from mocoserve.commands import export as export_commands
 from mocoserve.commands import train as train_commands
 
 app = typer.Typer(
@@ -18,6 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(train_commands.app)
+app.add_typer(export_commands.app)
 app.add_typer(demo_commands.app)
 
 

@@ -1,0 +1,1 @@
+"""Model packages: a checkpoint's query encoder as verified ONNX and TorchScript."""

@@ -1,0 +1,238 @@
+"""Fold a checkpoint's query encoder into a model package: ONNX, TorchScript and a manifest.
+
+The exported function takes float32 NCHW RGB in [0, 1] at the package's size and returns
+L2-normalised embeddings; mean/std normalisation and BatchNorm are folded into the graph.
+Both artefacts are checked against the PyTorch module before the package is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mocoserve import __version__
+from mocoserve.errors import UserError
+from mocoserve.model import _sha256
+from train import checkpoint
+from train.config import TrainConfig
+from train.models import Encoder
+
+FORMAT_VERSION = 1
+PARITY_BATCH_SIZES = (1, 2, 7, 64)
+MIN_COSINE = 0.9999
+FORMATS = ("onnx", "torchscript")
+
+
+class ExportError(Exception):
+    """The exported artefacts do not reproduce the PyTorch module (exit code 1)."""
+
+
+class EmbeddingModel(nn.Module):
+    """[0, 1] RGB N x 3 x S x S -> N x D L2-normalised embeddings, preprocessing inside."""
+
+    def __init__(self, encoder: Encoder, output: str, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.backbone = encoder.backbone
+        self.head = encoder.head if output == "head" else nn.Identity()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images - self.mean) / self.std
+        return F.normalize(self.head(self.backbone(x)), dim=1)
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    manifest: dict[str, Any]
+
+
+def sha256_of(path: Path) -> str:
+    return _sha256(path)
+
+
+def embedding_model(ckpt: dict[str, Any], output: str) -> tuple[EmbeddingModel, TrainConfig]:
+    """The checkpoint's query encoder as an eval-mode EmbeddingModel (plain BatchNorm)."""
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    if cfg.method.name == "linear":
+        raise UserError("this is a linear-probe checkpoint; export the pretraining checkpoint")
+    cfg.model.bn_splits = 1  # SplitBatchNorm is BatchNorm2d in eval mode, with the same keys
+    encoder = Encoder(cfg.model)
+    prefix = "query_encoder."
+    state = {k[len(prefix) :]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    encoder.load_state_dict(state)
+    model = EmbeddingModel(encoder, output, list(cfg.data.mean), list(cfg.data.std))
+    return model.eval(), cfg
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Conv+BN pairs folded into the convolutions (torch.fx), for eval-mode inference."""
+    from torch.fx.experimental.optimization import fuse
+
+    return fuse(model)
+
+
+def _parity(run: Any, reference: nn.Module, size: int, seed: int = 0) -> dict[str, float]:
+    """Max abs difference and min cosine between `run` and `reference` on random images."""
+    g = torch.Generator().manual_seed(seed)
+    worst_diff, worst_cos = 0.0, 1.0
+    for n in PARITY_BATCH_SIZES:
+        images = torch.rand(n, 3, size, size, generator=g)
+        with torch.no_grad():
+            expected = reference(images).numpy()
+        got = np.asarray(run(images.numpy()), dtype=np.float32)
+        if got.shape != expected.shape:
+            raise ExportError(f"output shape {got.shape} at batch {n}, expected {expected.shape}")
+        worst_diff = max(worst_diff, float(np.abs(got - expected).max()))
+        cos = (got * expected).sum(1) / (
+            np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1) + 1e-12
+        )
+        worst_cos = min(worst_cos, float(cos.min()))
+    return {"max_abs_diff": worst_diff, "min_cosine": worst_cos}
+
+
+def _export_onnx(model: nn.Module, path: Path, size: int, opset: int) -> None:
+    import onnx
+
+    example = (torch.rand(2, 3, size, size),)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.onnx.export(
+        model,
+        example,
+        input_names=["images"],
+        output_names=["embeddings"],
+        opset_version=opset,
+        dynamo=True,
+        external_data=False,
+        dynamic_shapes={"images": {0: batch}},
+    )
+    program.save(str(path))
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def _export_torchscript(model: nn.Module, path: Path, size: int) -> None:
+    example = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        traced = torch.jit.freeze(torch.jit.trace(model, example).eval())
+    traced.save(str(path))
+
+
+def export_checkpoint(
+    ckpt_path: str | Path,
+    out: str | Path,
+    output: str = "backbone",
+    input_size: int | None = None,
+    opset: int = 18,
+    formats: tuple[str, ...] = FORMATS,
+) -> ExportResult:
+    """Write a verified model package for the checkpoint's query encoder to `out`, atomically."""
+    if output not in ("backbone", "head"):
+        raise UserError(f"--output must be backbone or head, got {output!r}")
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or not formats:
+        raise UserError(f"--format takes {', '.join(FORMATS)}; got {', '.join(formats)}")
+    ckpt_path, out = Path(ckpt_path), Path(out)
+    if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not a model package; choose another --out")
+    ckpt = checkpoint.load(ckpt_path)
+    reference, cfg = embedding_model(ckpt, output)
+    size = input_size or cfg.data.image_size
+    folded = fold_batchnorm(reference)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        files: dict[str, dict[str, Any]] = {}
+        parity: dict[str, Any] = {"batch_sizes": list(PARITY_BATCH_SIZES)}
+        if "onnx" in formats:
+            import onnxruntime as ort
+
+            path = staging / "encoder.onnx"
+            _export_onnx(folded, path, size, opset)
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            parity["onnx"] = _parity(lambda x: session.run(None, {"images": x})[0], reference, size)
+            files[path.name] = {
+                "sha256": sha256_of(path),
+                "bytes": path.stat().st_size,
+                "opset": opset,
+            }
+        if "torchscript" in formats:
+            path = staging / "encoder.pt"
+            _export_torchscript(folded, path, size)
+            scripted = torch.jit.load(str(path))
+
+            def run_ts(x: np.ndarray) -> np.ndarray:
+                with torch.no_grad():
+                    return scripted(torch.from_numpy(x)).numpy()
+
+            parity["torchscript"] = _parity(run_ts, reference, size)
+            files[path.name] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
+        for name in ("onnx", "torchscript"):
+            if name in parity and not parity[name]["min_cosine"] >= MIN_COSINE:
+                raise ExportError(
+                    f"{name} export does not match PyTorch: min cosine "
+                    f"{parity[name]['min_cosine']:.6f} < {MIN_COSINE}"
+                )
+        with torch.no_grad():
+            dim = int(reference(torch.rand(1, 3, size, size)).shape[1])
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "embedding_dim": dim,
+            "input_size": size,
+            "preprocess": {
+                "resize": cfg.data.resolved_eval_resize()
+                if size == cfg.data.image_size
+                else round(size * 256 / 224),
+                "crop": size,
+                "interpolation": "bilinear",
+                "mean": list(cfg.data.mean),
+                "std": list(cfg.data.std),
+                "folded": True,
+                "input": "float32 NCHW RGB in [0, 1]",
+            },
+            "output": output,
+            "normalized": True,
+            "files": files,
+            "parity": parity,
+            "source": {
+                "method": cfg.method.name,
+                "arch": cfg.model.arch,
+                "epochs": int(ckpt["epoch"]),
+                "step": int(ckpt["step"]),
+                "checkpoint": ckpt_path.name,
+                "checkpoint_sha256": sha256_of(ckpt_path),
+                "config": cfg.to_dict(),
+            },
+            "created_by": f"mocoserve {__version__}",
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(out, manifest)
+
+
+def _replace_dir(staging: Path, out: Path) -> None:
+    """Move the finished package into place; an older package at `out` goes only after."""
+    for f in staging.iterdir():
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        os.replace(out, old / "package")
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)

@@ -1,0 +1,120 @@
+"""`mocoserve export` (imports export lazily) and `mocoserve info` (serving path only)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mocoserve.commands.options import guarded
+
+app = typer.Typer()
+
+ModelArg = Annotated[Path, typer.Argument(help="Model package folder (made by export).")]
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Training checkpoint (.pt).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Package folder to write.")] = Path(
+        "model"
+    ),
+    output: Annotated[
+        str, typer.Option("--output", help="backbone (pre-projection) or head features.")
+    ] = "backbone",
+    input_size: Annotated[
+        int | None, typer.Option("--input-size", help="Input px (default: the training size).")
+    ] = None,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 18,
+    formats: Annotated[
+        str, typer.Option("--format", help="Comma-separated: onnx,torchscript.")
+    ] = "onnx,torchscript",
+) -> None:
+    """Fold a checkpoint's query encoder into a verified ONNX + TorchScript model package."""
+
+    def work() -> None:
+        from export.package import ExportError, export_checkpoint
+
+        try:
+            result = export_checkpoint(
+                checkpoint,
+                out,
+                output,
+                input_size,
+                opset,
+                tuple(f.strip() for f in formats.split(",") if f.strip()),
+            )
+        except ExportError as e:
+            print(f"error: {e}; package not written", file=sys.stderr)
+            raise typer.Exit(1) from None
+        parity = result.manifest["parity"]
+        for name in ("onnx", "torchscript"):
+            if name in parity:
+                p = parity[name]
+                print(
+                    f"{name}: max |diff| {p['max_abs_diff']:.2e}, min cosine {p['min_cosine']:.7f} "
+                    f"(batches {', '.join(map(str, parity['batch_sizes']))})"
+                )
+        print(f"wrote {result.out} ({result.manifest['embedding_dim']}-d {output} embeddings)")
+
+    guarded(work)
+
+
+@app.command()
+def info(model: ModelArg) -> None:
+    """Print a model package's manifest as a table, with each file's checksum verified."""
+
+    def work() -> None:
+        from mocoserve.model import file_status, read_manifest
+
+        manifest = read_manifest(model)
+        console = Console()
+        table = Table(title=str(model), show_header=False)
+        source = manifest.get("source", {})
+        pre = manifest.get("preprocess", {})
+        rows = [
+            ("format version", manifest["format_version"]),
+            (
+                "embedding",
+                f"{manifest.get('embedding_dim')}-d {manifest.get('output')} features"
+                + (", L2-normalised" if manifest.get("normalized") else ""),
+            ),
+            ("input", f"{manifest.get('input_size')} px, {pre.get('input', '')}"),
+            (
+                "preprocess",
+                f"resize {pre.get('resize')} ({pre.get('interpolation')}), "
+                f"centre crop {pre.get('crop')}; mean/std folded into the graph",
+            ),
+            (
+                "source",
+                f"{source.get('method')} {source.get('arch')}, {source.get('epochs')} epochs "
+                f"({source.get('checkpoint')}, sha256 {source.get('checkpoint_sha256', '')[:12]}…)",
+            ),
+        ]
+        for name, entry in manifest.get("files", {}).items():
+            extra = f", opset {entry['opset']}" if "opset" in entry else ""
+            rows.append(
+                (
+                    name,
+                    f"{entry.get('bytes', 0) / 1e6:.1f} MB{extra}, "
+                    + file_status(model, entry, name),
+                )
+            )
+        for name, p in manifest.get("parity", {}).items():
+            if isinstance(p, dict):
+                rows.append(
+                    (
+                        f"parity {name}",
+                        f"max |diff| {p['max_abs_diff']:.2e}, min cosine {p['min_cosine']:.7f}",
+                    )
+                )
+        rows.append(("created by", manifest.get("created_by", "?")))
+        for key, value in rows:
+            table.add_row(key, str(value))
+        console.print(table)
+
+    guarded(work)

@@ -1,0 +1,181 @@
+"""Loading a model package: verified files, the manifest's preprocessing, ORT or TorchScript.
+
+Serving path: no import of `train` or `export`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from mocoserve.errors import UserError
+
+SUPPORTED_FORMAT_VERSION = 1
+BACKEND_FILES = {"onnx": "encoder.onnx", "torchscript": "encoder.pt"}
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a model package, with a clear error for anything that is not one."""
+    folder = Path(path)
+    if not folder.is_dir() or not (folder / "manifest.json").is_file():
+        raise UserError(f"{folder} is not a model package (no manifest.json); make one with export")
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{folder}/manifest.json is not valid JSON ({e})") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if not isinstance(version, int):
+        raise UserError(f"{folder}/manifest.json has no format_version")
+    if version > SUPPORTED_FORMAT_VERSION:
+        raise UserError(
+            f"{folder} is a version {version} package; this mocoserve reads up to "
+            f"{SUPPORTED_FORMAT_VERSION} (upgrade mocoserve)"
+        )
+    return manifest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_status(folder: str | Path, entry: dict[str, Any], name: str) -> str:
+    """'sha256 ok', 'missing' or 'sha256 MISMATCH' for one file of a package."""
+    path = Path(folder) / name
+    if not path.is_file():
+        return "missing"
+    return "sha256 ok" if _sha256(path) == entry.get("sha256") else "sha256 MISMATCH"
+
+
+def _verify(folder: Path, manifest: dict[str, Any], name: str) -> Path:
+    entry = manifest.get("files", {}).get(name)
+    path = folder / name
+    if entry is None or not path.is_file():
+        raise UserError(f"{folder} has no {name}")
+    if _sha256(path) != entry.get("sha256"):
+        raise UserError(f"{path} does not match its sha256 in manifest.json (changed or damaged)")
+    return path
+
+
+@dataclass
+class PackageEncoder:
+    """A loaded model package: `preprocess` one image, `embed` a batch."""
+
+    path: Path
+    manifest: dict[str, Any]
+    backend: str
+    device: str
+    provider: str
+    _run: Any = field(repr=False, default=None)
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.manifest["embedding_dim"])
+
+    @property
+    def input_size(self) -> int:
+        return int(self.manifest["input_size"])
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL image -> 3 x S x S float32 in [0, 1]: resize shorter side, centre crop."""
+        pre = self.manifest["preprocess"]
+        resize, crop = int(pre["resize"]), int(pre["crop"])
+        image = image.convert("RGB") if image.mode != "RGB" else image
+        w, h = image.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(resize * long / short)  # torchvision's Resize(int) arithmetic
+        new_w, new_h = (resize, new_long) if w <= h else (new_long, resize)
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), Image.BILINEAR)
+        left = round((new_w - crop) / 2.0)  # torchvision's center_crop arithmetic
+        top = round((new_h - crop) / 2.0)
+        image = image.crop((left, top, left + crop, top + crop))
+        return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        """N x 3 x S x S float32 in [0, 1] -> N x D L2-normalised float32."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if batch.ndim != 4 or batch.shape[1:] != (3, self.input_size, self.input_size):
+            raise ValueError(
+                f"expected N x 3 x {self.input_size} x {self.input_size}, got {batch.shape}"
+            )
+        return np.asarray(self._run(batch), dtype=np.float32)
+
+
+def load(path: str | Path, backend: str = "auto", device: str = "auto") -> PackageEncoder:
+    """Load a model package; `device="cuda"` where no GPU provider is active is an error."""
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    if backend not in ("auto", "onnx", "torchscript"):
+        raise UserError(f"backend must be auto, onnx or torchscript, got {backend!r}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"device must be auto, cpu or cuda, got {device!r}")
+    if backend == "auto":
+        backend = next((b for b, f in BACKEND_FILES.items() if f in manifest.get("files", {})), "")
+        if not backend:
+            raise UserError(f"{folder} lists neither encoder.onnx nor encoder.pt")
+    file = _verify(folder, manifest, BACKEND_FILES[backend])
+    if backend == "onnx":
+        return _load_onnx(folder, manifest, file, device)
+    return _load_torchscript(folder, manifest, file, device)
+
+
+def _cuda_driver_present() -> bool:
+    """Whether an NVIDIA driver is installed (onnxruntime-gpu lists CUDA even where none is)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def _load_onnx(folder: Path, manifest: dict, file: Path, device: str) -> PackageEncoder:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    providers = ["CPUExecutionProvider"]
+    gpu = "CUDAExecutionProvider" in available and _cuda_driver_present()
+    if device in ("auto", "cuda") and gpu:
+        providers.insert(0, "CUDAExecutionProvider")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # a missing GPU is reported by us, not as a warning wall
+    session = ort.InferenceSession(str(file), options, providers=providers)
+    active = session.get_providers()[0]
+    if device == "cuda" and active != "CUDAExecutionProvider":
+        raise UserError("device cuda was asked for, but ONNX Runtime's CUDA provider is not active")
+    input_name = session.get_inputs()[0].name
+    return PackageEncoder(
+        folder,
+        manifest,
+        "onnx",
+        "cuda" if active == "CUDAExecutionProvider" else "cpu",
+        active,
+        lambda x: session.run(None, {input_name: x})[0],
+    )
+
+
+def _load_torchscript(folder: Path, manifest: dict, file: Path, device: str) -> PackageEncoder:
+    import torch
+
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError("device cuda was asked for, but no CUDA GPU is available")
+    dev = torch.device("cuda" if use_cuda else "cpu")
+    module = torch.jit.load(str(file), map_location=dev).eval()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.from_numpy(x).to(dev)).float().cpu().numpy()
+
+    return PackageEncoder(folder, manifest, "torchscript", dev.type, f"torch {dev.type}", run)
