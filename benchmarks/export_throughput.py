@@ -82,14 +82,15 @@ def measure(arch: str, args: argparse.Namespace, x: np.ndarray, root: Path) -> d
     if cuda:
         sync = torch.cuda.synchronize
         eager_gpu = eager.cuda()
-        xg = xt.cuda()
+
+        def eager_cuda() -> np.ndarray:  # numpy in and out, as the package backends' embed()
+            return eager_gpu(torch.from_numpy(x).cuda()).float().cpu().numpy()
+
         with torch.no_grad():
-            r["pytorch_eager_cuda_fp32"] = images_per_s(
-                lambda: eager_gpu(xg), args.batch, args.seconds, sync
-            )
+            r["pytorch_eager_cuda_fp32"] = images_per_s(eager_cuda, args.batch, args.seconds, sync)
             with torch.autocast("cuda", dtype=torch.float16):
                 r["pytorch_eager_cuda_fp16"] = images_per_s(
-                    lambda: eager_gpu(xg), args.batch, args.seconds, sync
+                    eager_cuda, args.batch, args.seconds, sync
                 )
         ts_gpu = package_loader.load(pkg, backend="torchscript", device="cuda")
         r["torchscript_cuda_fp32"] = images_per_s(
