@@ -7,6 +7,7 @@ Both artefacts are checked against the PyTorch module before the package is writ
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from train.models import Encoder
 FORMAT_VERSION = 1
 PARITY_BATCH_SIZES = (1, 2, 7, 64)
 MIN_COSINE = 0.9999
+MIN_COSINE_FP16 = 0.999
 FORMATS = ("onnx", "torchscript")
 
 
@@ -50,6 +52,17 @@ class EmbeddingModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images - self.mean) / self.std
         return F.normalize(self.head(self.backbone(x)), dim=1)
+
+
+class HalfPrecision(nn.Module):
+    """The same function with fp16 weights and arithmetic; float32 in and out (for GPUs)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model).half()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.half()).float()
 
 
 @dataclass
@@ -135,6 +148,7 @@ def export_checkpoint(
     input_size: int | None = None,
     opset: int = 18,
     formats: tuple[str, ...] = FORMATS,
+    fp16: bool = False,
 ) -> ExportResult:
     """Write a verified model package for the checkpoint's query encoder to `out`, atomically."""
     if output not in ("backbone", "head"):
@@ -142,6 +156,8 @@ def export_checkpoint(
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise UserError(f"--format takes {', '.join(FORMATS)}; got {', '.join(formats)}")
+    if fp16 and "onnx" not in formats:
+        raise UserError("--fp16 makes an fp16 ONNX file; keep onnx in --format")
     ckpt_path, out = Path(ckpt_path), Path(out)
     if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not a model package; choose another --out")
@@ -167,6 +183,21 @@ def export_checkpoint(
                 "bytes": path.stat().st_size,
                 "opset": opset,
             }
+        if fp16:
+            import onnxruntime as ort
+
+            path = staging / "encoder.fp16.onnx"
+            _export_onnx(HalfPrecision(folded), path, size, opset)
+            session16 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            parity["onnx_fp16"] = _parity(
+                lambda x: session16.run(None, {"images": x})[0], reference, size
+            )
+            files[path.name] = {
+                "sha256": sha256_of(path),
+                "bytes": path.stat().st_size,
+                "opset": opset,
+                "precision": "fp16",
+            }
         if "torchscript" in formats:
             path = staging / "encoder.pt"
             _export_torchscript(folded, path, size)
@@ -178,11 +209,12 @@ def export_checkpoint(
 
             parity["torchscript"] = _parity(run_ts, reference, size)
             files[path.name] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
-        for name in ("onnx", "torchscript"):
-            if name in parity and not parity[name]["min_cosine"] >= MIN_COSINE:
+        bars = {"onnx": MIN_COSINE, "torchscript": MIN_COSINE, "onnx_fp16": MIN_COSINE_FP16}
+        for name, bar in bars.items():
+            if name in parity and not parity[name]["min_cosine"] >= bar:
                 raise ExportError(
                     f"{name} export does not match PyTorch: min cosine "
-                    f"{parity[name]['min_cosine']:.6f} < {MIN_COSINE}"
+                    f"{parity[name]['min_cosine']:.6f} < {bar}"
                 )
         with torch.no_grad():
             dim = int(reference(torch.rand(1, 3, size, size)).shape[1])

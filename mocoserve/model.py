@@ -111,8 +111,13 @@ class PackageEncoder:
         return np.asarray(self._run(batch), dtype=np.float32)
 
 
-def load(path: str | Path, backend: str = "auto", device: str = "auto") -> PackageEncoder:
-    """Load a model package; `device="cuda"` where no GPU provider is active is an error."""
+def load(
+    path: str | Path, backend: str = "auto", device: str = "auto", fp16: bool = False
+) -> PackageEncoder:
+    """Load a model package; `device="cuda"` where no GPU provider is active is an error.
+
+    `fp16` picks the package's encoder.fp16.onnx (made by `export --fp16`, for GPUs).
+    """
     folder = Path(path)
     manifest = read_manifest(folder)
     if backend not in ("auto", "onnx", "torchscript"):
@@ -123,7 +128,12 @@ def load(path: str | Path, backend: str = "auto", device: str = "auto") -> Packa
         backend = next((b for b, f in BACKEND_FILES.items() if f in manifest.get("files", {})), "")
         if not backend:
             raise UserError(f"{folder} lists neither encoder.onnx nor encoder.pt")
-    file = _verify(folder, manifest, BACKEND_FILES[backend])
+    if fp16 and backend != "onnx":
+        raise UserError("fp16 is an ONNX variant; use backend onnx (or auto)")
+    name = "encoder.fp16.onnx" if fp16 else BACKEND_FILES[backend]
+    if fp16 and name not in manifest.get("files", {}):
+        raise UserError(f"{folder} has no fp16 variant; export it with --fp16")
+    file = _verify(folder, manifest, name)
     if backend == "onnx":
         return _load_onnx(folder, manifest, file, device)
     return _load_torchscript(folder, manifest, file, device)

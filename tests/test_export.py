@@ -210,3 +210,23 @@ def test_bottleneck_backbone_families_export(arch, tmp_path):
     manifest = export_checkpoint(ckpt, tmp_path / "m").manifest
     assert manifest["embedding_dim"] == 2048
     assert all(manifest["parity"][n]["min_cosine"] >= 0.9999 for n in ("onnx", "torchscript"))
+
+
+def test_fp16_variant_has_its_own_parity_and_loads(tmp_path, moco_package):
+    ckpt = make_checkpoint(tmp_path / "c.pt")
+    result = runner.invoke(
+        app, ["export", str(ckpt), "--out", str(tmp_path / "m"), "--fp16", "--format", "onnx"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "onnx_fp16: max |diff|" in result.output
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["files"]["encoder.fp16.onnx"]["precision"] == "fp16"
+    assert manifest["parity"]["onnx_fp16"]["min_cosine"] >= 0.999
+    x = np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32)
+    full = model_package.load(tmp_path / "m").embed(x)
+    half = model_package.load(tmp_path / "m", fp16=True).embed(x)
+    assert half.dtype == np.float32 and ((full * half).sum(1) > 0.999).all()
+    with pytest.raises(UserError, match="ONNX variant"):
+        model_package.load(tmp_path / "m", fp16=True, backend="torchscript")
+    with pytest.raises(UserError, match="no fp16 variant"):
+        model_package.load(moco_package[1], fp16=True)

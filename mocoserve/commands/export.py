@@ -33,6 +33,9 @@ def export(
     formats: Annotated[
         str, typer.Option("--format", help="Comma-separated: onnx,torchscript.")
     ] = "onnx,torchscript",
+    fp16: Annotated[
+        bool, typer.Option("--fp16", help="Also write encoder.fp16.onnx (for GPU serving).")
+    ] = False,
 ) -> None:
     """Fold a checkpoint's query encoder into a verified ONNX + TorchScript model package."""
 
@@ -47,12 +50,13 @@ def export(
                 input_size,
                 opset,
                 tuple(f.strip() for f in formats.split(",") if f.strip()),
+                fp16,
             )
         except ExportError as e:
             print(f"error: {e}; package not written", file=sys.stderr)
             raise typer.Exit(1) from None
         parity = result.manifest["parity"]
-        for name in ("onnx", "torchscript"):
+        for name in ("onnx", "torchscript", "onnx_fp16"):
             if name in parity:
                 p = parity[name]
                 print(
