@@ -57,7 +57,7 @@ def make_package(arch: str, root: Path) -> tuple[Path, Path]:
         },
         ckpt,
     )
-    return ckpt, export_checkpoint(ckpt, root / arch).out
+    return ckpt, export_checkpoint(ckpt, root / arch, fp16=torch.cuda.is_available()).out
 
 
 def measure(arch: str, args: argparse.Namespace, x: np.ndarray, root: Path) -> dict:
@@ -100,6 +100,10 @@ def measure(arch: str, args: argparse.Namespace, x: np.ndarray, root: Path) -> d
             onnx_gpu = package_loader.load(pkg, backend="onnx", device="cuda")
             r["onnxruntime_cuda_fp32"] = images_per_s(
                 lambda: onnx_gpu.embed(x), args.batch, args.seconds, sync
+            )
+            onnx_gpu16 = package_loader.load(pkg, backend="onnx", device="cuda", fp16=True)
+            r["onnxruntime_cuda_fp16"] = images_per_s(
+                lambda: onnx_gpu16.embed(x), args.batch, args.seconds, sync
             )
         except Exception as e:  # report why, keep the other figures
             r["onnxruntime_cuda_fp32_error"] = str(e)

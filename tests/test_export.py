@@ -88,6 +88,12 @@ def test_manifest_fields(moco_package):
     for name, entry in manifest["files"].items():
         assert package.sha256_of(pkg / name) == entry["sha256"]
     assert sorted(p.name for p in pkg.iterdir()) == ["encoder.onnx", "encoder.pt", "manifest.json"]
+    import onnx
+
+    graph = onnx.load(str(pkg / "encoder.onnx")).graph
+    ops = {node.op_type for node in graph.node}
+    assert "Conv" in ops and "BatchNormalization" not in ops  # BN folded into the convolutions
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
 
 
 def test_same_embedding_from_onnx_torchscript_and_pytorch(moco_package, tmp_path):
