@@ -181,6 +181,12 @@ def test_bad_inputs_are_one_line_errors(tmp_path, labelled_dir, flat_dir):
     )
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_device_cuda_without_a_gpu_is_a_user_error(labelled_dir, tmp_path):
+    result = train(str(labelled_dir), "--device", "cuda", "-b", "8", "--out", str(tmp_path), *TINY)
+    assert_user_error(result, "no CUDA GPU is available")
+
+
 def test_resume_with_another_method_or_arch_is_refused(labelled_dir, tmp_path):
     out = str(tmp_path / "r")
     assert (

@@ -13,6 +13,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from mocoserve.errors import UserError
+
 # torch 2.14 renamed all_gather_into_tensor; keep working on the releases before it
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -59,6 +61,8 @@ def launched_by_torchrun() -> bool:
 
 def setup(device: str = "auto") -> torch.device:
     """Pick the device and, under torchrun, join the process group (NCCL on GPUs, gloo on CPUs)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA GPU is available")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if launched_by_torchrun() and not is_distributed():
         backend = "nccl" if use_cuda else "gloo"

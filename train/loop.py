@@ -321,8 +321,6 @@ def _fit(
     cfg: TrainConfig, resume_from: Path | None, console: Console, preempt: PreemptionFlag
 ) -> FitResult:
     device = distributed.setup(cfg.run.device)
-    if cfg.run.device == "cuda" and device.type != "cuda":
-        raise UserError("--device cuda was asked for, but no CUDA GPU is available")
     main = distributed.is_main()
     world = distributed.world_size()
     out_dir = Path(cfg.run.out)
