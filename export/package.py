@@ -8,6 +8,7 @@ Both artefacts are checked against the PyTorch module before the package is writ
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from torch import nn
 
 from mocoserve import __version__
 from mocoserve.errors import UserError
-from mocoserve.model import _sha256
+from mocoserve.model import sha256_file
 from train import checkpoint
 from train.config import TrainConfig
 from train.models import Encoder
@@ -71,10 +72,6 @@ class ExportResult:
     manifest: dict[str, Any]
 
 
-def sha256_of(path: Path) -> str:
-    return _sha256(path)
-
-
 def embedding_model(ckpt: dict[str, Any], output: str) -> tuple[EmbeddingModel, TrainConfig]:
     """The checkpoint's query encoder as an eval-mode EmbeddingModel (plain BatchNorm)."""
     cfg = TrainConfig.from_dict(ckpt["config"])
@@ -82,9 +79,7 @@ def embedding_model(ckpt: dict[str, Any], output: str) -> tuple[EmbeddingModel, 
         raise UserError("this is a linear-probe checkpoint; export the pretraining checkpoint")
     cfg.model.bn_splits = 1  # SplitBatchNorm is BatchNorm2d in eval mode, with the same keys
     encoder = Encoder(cfg.model)
-    prefix = "query_encoder."
-    state = {k[len(prefix) :]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-    encoder.load_state_dict(state)
+    encoder.load_state_dict(checkpoint.query_encoder_state(ckpt))
     model = EmbeddingModel(encoder, output, list(cfg.data.mean), list(cfg.data.std))
     return model.eval(), cfg
 
@@ -164,6 +159,12 @@ def export_checkpoint(
     ckpt = checkpoint.load(ckpt_path)
     reference, cfg = embedding_model(ckpt, output)
     size = input_size or cfg.data.image_size
+    # the eval transform at the package's size: a trained eval_resize holds for its own size only
+    eval_data = dataclasses.replace(
+        cfg.data,
+        image_size=size,
+        eval_resize=cfg.data.eval_resize if size == cfg.data.image_size else None,
+    )
     folded = fold_batchnorm(reference)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -179,7 +180,7 @@ def export_checkpoint(
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             parity["onnx"] = _parity(lambda x: session.run(None, {"images": x})[0], reference, size)
             files[path.name] = {
-                "sha256": sha256_of(path),
+                "sha256": sha256_file(path),
                 "bytes": path.stat().st_size,
                 "opset": opset,
             }
@@ -193,7 +194,7 @@ def export_checkpoint(
                 lambda x: session16.run(None, {"images": x})[0], reference, size
             )
             files[path.name] = {
-                "sha256": sha256_of(path),
+                "sha256": sha256_file(path),
                 "bytes": path.stat().st_size,
                 "opset": opset,
                 "precision": "fp16",
@@ -208,7 +209,7 @@ def export_checkpoint(
                     return scripted(torch.from_numpy(x)).numpy()
 
             parity["torchscript"] = _parity(run_ts, reference, size)
-            files[path.name] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
+            files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         bars = {"onnx": MIN_COSINE, "torchscript": MIN_COSINE, "onnx_fp16": MIN_COSINE_FP16}
         for name, bar in bars.items():
             if name in parity and not parity[name]["min_cosine"] >= bar:
@@ -223,9 +224,7 @@ def export_checkpoint(
             "embedding_dim": dim,
             "input_size": size,
             "preprocess": {
-                "resize": cfg.data.resolved_eval_resize()
-                if size == cfg.data.image_size
-                else round(size * 256 / 224),
+                "resize": eval_data.resolved_eval_resize(),
                 "crop": size,
                 "interpolation": "bilinear",
                 "mean": list(cfg.data.mean),
@@ -243,7 +242,7 @@ def export_checkpoint(
                 "epochs": int(ckpt["epoch"]),
                 "step": int(ckpt["step"]),
                 "checkpoint": ckpt_path.name,
-                "checkpoint_sha256": sha256_of(ckpt_path),
+                "checkpoint_sha256": sha256_file(ckpt_path),
                 "config": cfg.to_dict(),
             },
             "created_by": f"mocoserve {__version__}",

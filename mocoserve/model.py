@@ -40,7 +40,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -53,7 +54,7 @@ def file_status(folder: str | Path, entry: dict[str, Any], name: str) -> str:
     path = Path(folder) / name
     if not path.is_file():
         return "missing"
-    return "sha256 ok" if _sha256(path) == entry.get("sha256") else "sha256 MISMATCH"
+    return "sha256 ok" if sha256_file(path) == entry.get("sha256") else "sha256 MISMATCH"
 
 
 def _verify(folder: Path, manifest: dict[str, Any], name: str) -> Path:
@@ -61,7 +62,7 @@ def _verify(folder: Path, manifest: dict[str, Any], name: str) -> Path:
     path = folder / name
     if entry is None or not path.is_file():
         raise UserError(f"{folder} has no {name}")
-    if _sha256(path) != entry.get("sha256"):
+    if sha256_file(path) != entry.get("sha256"):
         raise UserError(f"{path} does not match its sha256 in manifest.json (changed or damaged)")
     return path
 

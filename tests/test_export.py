@@ -84,9 +84,9 @@ def test_manifest_fields(moco_package):
     assert manifest["input_size"] == 32 and manifest["preprocess"]["crop"] == 32
     assert manifest["parity"]["batch_sizes"] == [1, 2, 7, 64]
     assert manifest["files"]["encoder.onnx"]["opset"] == 18
-    assert manifest["source"]["checkpoint_sha256"] == package.sha256_of(ckpt)
+    assert manifest["source"]["checkpoint_sha256"] == model_package.sha256_file(ckpt)
     for name, entry in manifest["files"].items():
-        assert package.sha256_of(pkg / name) == entry["sha256"]
+        assert model_package.sha256_file(pkg / name) == entry["sha256"]
     assert sorted(p.name for p in pkg.iterdir()) == ["encoder.onnx", "encoder.pt", "manifest.json"]
     import onnx
 

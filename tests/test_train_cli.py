@@ -378,3 +378,23 @@ def test_torchrun_two_gloo_processes(method, labelled_dir, val_dir, tmp_path):
     assert ckpt["step"] == 6
     if method != "supcon":
         assert int(ckpt["model"]["queue_ptr"]) == (6 * 8) % 20  # keys of both ranks enqueued
+
+
+def test_checkpoint_rng_state_restores_from_a_loaded_file(tmp_path):
+    """What resume does: load (CPU, memory-mapped) and put every RNG back where it was."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    checkpoint.save_atomic(
+        {"format": checkpoint.FORMAT, "version": 1, "rng": checkpoint.rng_state()},
+        tmp_path / "c.pt",
+    )
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "c.pt")["rng"])
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0]) and (expected[1] == got[1]).all()
+    assert expected[2] == got[2]

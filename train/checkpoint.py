@@ -76,7 +76,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        # mmap: tensors are read when used, so a look at the config (prepare_config, the
+        # linear probe's pretraining checkpoint) does not read hundreds of MB of weights
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as e:  # torch.load raises many kinds (KeyError, UnpicklingError, ...) on junk
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} is not a readable mocoserve checkpoint ({first[:200]})") from None
@@ -87,6 +89,12 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
             f"{path} has checkpoint version {ckpt['version']}; this mocoserve reads {VERSION}"
         )
     return ckpt
+
+
+def query_encoder_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The query encoder's weights (backbone + head) from a checkpoint's method state."""
+    prefix = "query_encoder."
+    return {k[len(prefix) :]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
 
 
 def latest(out_dir: str | Path) -> Path | None:

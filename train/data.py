@@ -105,9 +105,10 @@ class ImageDataset(Dataset):
                         f"warning: skipping unreadable image {self.files[i]}: {e}", file=sys.stderr
                     )
                 continue
+            seed = _sample_seed(self.seed, epoch, index)
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_sample_seed(self.seed, epoch, index))
-                random.seed(_sample_seed(self.seed, epoch, index))
+                torch.manual_seed(seed)
+                random.seed(seed)
                 return self.transform(image), self.labels[i]
         raise UserError("none of the images could be decoded")
 

@@ -71,6 +71,7 @@ def prepare_config(
     A resumed run keeps its checkpoint's config; options given now override it, except the
     fields that define the network (method, arch, head, queue), which must match.
     """
+    explicit = _explicit(config_file, overrides)
     cfg = build_config(method, preset, config_file, overrides)
     ckpt_path: Path | None = None
     if resume == "auto":
@@ -78,12 +79,11 @@ def prepare_config(
     elif resume:
         ckpt_path = Path(resume)
     if cfg.method.name == "linear":
-        _adopt_pretrained_model(cfg, explicit=_explicit(config_file, overrides))
+        _adopt_pretrained_model(cfg, explicit)
     if ckpt_path is None:
         return cfg, None
     saved = checkpoint.load(ckpt_path)
     saved_cfg = TrainConfig.from_dict(saved["config"])
-    explicit = _explicit(config_file, overrides)
     if method:
         explicit["method.name"] = method
     for key in IDENTITY_FIELDS:
@@ -377,7 +377,9 @@ def _fit(
     start_epoch, step, epoch_step = 0, 0, 0
     rng_to_restore = None
     if resume_from is not None:
-        saved = checkpoint.load(resume_from, map_location=device)
+        # on the CPU: load_state_dict moves weights and optimiser state to their parameters'
+        # device, and the RNG states must stay CPU tensors for set_rng_state
+        saved = checkpoint.load(resume_from)
         method.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
@@ -619,10 +621,8 @@ def _preempted(preempt: PreemptionFlag, at_log: bool, device: torch.device) -> b
 def _load_pretrained(method: LinearProbe, cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """Copy the pretraining checkpoint's query encoder into the probe; return its backbone."""
     pre = checkpoint.load(cfg.method.pretrained)  # type: ignore[arg-type]
-    prefix = "query_encoder."
-    state = {k[len(prefix) :]: v for k, v in pre["model"].items() if k.startswith(prefix)}
     try:
-        method.query_encoder.load_state_dict(state)
+        method.query_encoder.load_state_dict(checkpoint.query_encoder_state(pre))
     except RuntimeError as e:
         raise UserError(f"{cfg.method.pretrained} does not fit a {cfg.model.arch}: {e}") from None
     return {k: v.clone() for k, v in method.query_encoder.backbone.state_dict().items()}
