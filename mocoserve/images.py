@@ -8,9 +8,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import ExifTags, Image, ImageFile, ImageOps
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -69,18 +70,30 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
+def load_rgb(path: str | os.PathLike | IO[bytes], draft_size: int | None = None) -> Image.Image:
     """Decode an image file to RGB: EXIF orientation applied, first frame of animations.
 
     `draft_size` lets JPEG decoding skip resolution it does not need (the result is at
     least that many pixels on its shorter side). Raises OSError/ValueError on bad files.
     """
-    with Image.open(path) as img:
+    return decode_image(path, draft_size)[0]
+
+
+def decode_image(
+    source: str | os.PathLike | IO[bytes], draft_size: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """`load_rgb`, plus the full-resolution (width, height) after EXIF orientation."""
+    with Image.open(source) as img:
+        width, height = img.size
         if draft_size is not None and img.format == "JPEG":
-            w, h = img.size
-            scale = max(draft_size / min(w, h), 1e-9)
-            img.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
+            scale = max(draft_size / min(width, height), 1e-9)
+            img.draft(
+                "RGB", (max(1, int(width * scale + 0.999)), max(1, int(height * scale + 0.999)))
+            )
         img.seek(0)
         img.load()
+        orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+        if orientation in (5, 6, 7, 8):  # a quarter turn swaps the sides
+            width, height = height, width
         img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
+        return _to_rgb(img), (width, height)

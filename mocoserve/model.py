@@ -86,21 +86,14 @@ class PackageEncoder:
     def input_size(self) -> int:
         return int(self.manifest["input_size"])
 
+    @property
+    def resize(self) -> int:
+        return int(self.manifest["preprocess"]["resize"])
+
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """RGB PIL image -> 3 x S x S float32 in [0, 1]: resize shorter side, centre crop."""
-        pre = self.manifest["preprocess"]
-        resize, crop = int(pre["resize"]), int(pre["crop"])
-        image = image.convert("RGB") if image.mode != "RGB" else image
-        w, h = image.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_long = int(resize * long / short)  # torchvision's Resize(int) arithmetic
-        new_w, new_h = (resize, new_long) if w <= h else (new_long, resize)
-        if (new_w, new_h) != (w, h):
-            image = image.resize((new_w, new_h), Image.BILINEAR)
-        left = round((new_w - crop) / 2.0)  # torchvision's center_crop arithmetic
-        top = round((new_h - crop) / 2.0)
-        image = image.crop((left, top, left + crop, top + crop))
-        return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        crop = int(self.manifest["preprocess"]["crop"])
+        return to_input(np.asarray(resize_crop(image, self.resize, crop))[None])[0]
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """N x 3 x S x S float32 in [0, 1] -> N x D L2-normalised float32."""
@@ -110,6 +103,27 @@ class PackageEncoder:
                 f"expected N x 3 x {self.input_size} x {self.input_size}, got {batch.shape}"
             )
         return np.asarray(self._run(batch), dtype=np.float32)
+
+
+def resize_crop(image: Image.Image, resize: int, crop: int) -> Image.Image:
+    """Resize the shorter side to `resize` and centre-crop `crop` pixels, as torchvision does."""
+    image = image.convert("RGB") if image.mode != "RGB" else image
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(resize * long / short)  # torchvision's Resize(int) arithmetic
+    new_w, new_h = (resize, new_long) if w <= h else (new_long, resize)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.BILINEAR)
+    left = round((new_w - crop) / 2.0)  # torchvision's center_crop arithmetic
+    top = round((new_h - crop) / 2.0)
+    return image.crop((left, top, left + crop, top + crop))
+
+
+def to_input(pixels: np.ndarray) -> np.ndarray:
+    """N x S x S x 3 uint8 -> N x 3 x S x S float32 in [0, 1], the packages' input."""
+    batch = np.empty((pixels.shape[0], 3, *pixels.shape[1:3]), dtype=np.float32)
+    np.multiply(pixels.transpose(0, 3, 1, 2), np.float32(1 / 255.0), out=batch)
+    return batch
 
 
 def load(

@@ -22,3 +22,11 @@ def val_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def flat_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_flat(tmp_path_factory.mktemp("flat") / "data")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ONNX model package of a tiny ResNet-18 (32 px, 512-d)."""
+    from tests.models import make_package
+
+    return make_package(tmp_path_factory.mktemp("package"))

@@ -1,7 +1,6 @@
 """`mocoserve export`, model packages and their loader, on tiny checkpoints."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,47 +14,11 @@ from export.package import embedding_model, export_checkpoint
 from mocoserve import model as model_package
 from mocoserve.cli import app
 from mocoserve.errors import UserError
+from tests.models import make_checkpoint
 from train import checkpoint
 from train.augment import eval_transform
-from train.config import build_config
-from train.methods import build_method
 
 runner = CliRunner()
-
-
-def make_checkpoint(path: Path, method: str = "moco-v2", arch: str = "resnet18", **model) -> Path:
-    """A real checkpoint file of a freshly initialised method (what fit() would write at step 0)."""
-    cfg = build_config(
-        method,
-        overrides={
-            "model.arch": arch,
-            "model.dim": 16,
-            "data.image_size": 32,
-            "method.queue_size": 8 if method != "supcon" else 0,
-            **{f"model.{k}": v for k, v in model.items()},
-        },
-    )
-    torch.manual_seed(0)
-    method_module = build_method(cfg)
-    # a little BN state, so folding BatchNorm has something to fold
-    method_module.train()
-    with torch.no_grad():
-        method_module.query_encoder(torch.rand(8, 3, 32, 32))
-    checkpoint.save_atomic(
-        {
-            "format": checkpoint.FORMAT,
-            "version": checkpoint.VERSION,
-            "method": method,
-            "arch": arch,
-            "config": cfg.to_dict(),
-            "model": method_module.state_dict(),
-            "epoch": 1,
-            "epoch_step": 0,
-            "step": 3,
-        },
-        path,
-    )
-    return path
 
 
 @pytest.fixture(scope="module")

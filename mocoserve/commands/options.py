@@ -30,6 +30,12 @@ ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", help="YAML file with data/model/method/optim/run sections."),
 ]
+ModelOpt = Annotated[
+    Path | None,
+    typer.Option("--model", "-m", help="Model package folder (made by export)."),
+]
+IndexArg = Annotated[Path, typer.Argument(help="Index file (its sidecar is FILE.db).")]
+KOpt = Annotated[int, typer.Option("--k", "-k", help="Neighbours to return.", min=1)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 

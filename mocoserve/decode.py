@@ -1,0 +1,98 @@
+"""Decoding files for embedding, in worker processes: bytes read once, hashed, decoded, cropped.
+
+Light on purpose (PIL and numpy): each worker process imports only this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from mocoserve.images import decode_image
+from mocoserve.model import resize_crop
+
+
+@dataclass
+class Decoded:
+    """One file, ready for the model (`pixels`) or with the reason it is not (`error`)."""
+
+    path: str
+    bytes: int
+    mtime: int
+    sha256: str = ""
+    width: int = 0
+    height: int = 0
+    pixels: np.ndarray | None = None  # crop x crop x 3 uint8
+    error: str | None = None
+
+
+def decode_file(path: str, resize: int, crop: int) -> Decoded:
+    """Read, hash and decode one file; never raises for a bad file."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return Decoded(path, 0, 0, error=f"cannot read: {e.strerror or e}")
+    item = Decoded(path, len(data), st.st_mtime_ns, hashlib.sha256(data).hexdigest())
+    if not data:
+        item.error = "empty file (0 bytes)"
+        return item
+    try:
+        image, (item.width, item.height) = decode_image(io.BytesIO(data), draft_size=resize)
+        item.pixels = np.asarray(resize_crop(image, resize, crop), dtype=np.uint8)
+    except Image.DecompressionBombError as e:
+        item.error = f"too many pixels (decompression-bomb limit): {e}"
+    except Image.UnidentifiedImageError:
+        item.error = "not an image (PIL cannot identify the file)"
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
+        item.error = f"cannot decode: {type(e).__name__}: {e}"
+    return item
+
+
+def _decode_chunk(paths: Sequence[str], resize: int, crop: int) -> list[Decoded]:
+    return [decode_file(p, resize, crop) for p in paths]
+
+
+def default_workers() -> int:
+    """Decoder processes: one core is left to the model, at most 8."""
+    return max(1, min(8, (os.cpu_count() or 1) - 1))
+
+
+def decode_files(
+    paths: Sequence[str], resize: int, crop: int, workers: int, chunk: int = 16
+) -> Iterator[Decoded]:
+    """Decode files in order, `workers` processes (0: in this process), bounded read-ahead."""
+    if workers <= 0:
+        for path in paths:
+            yield decode_file(path, resize, crop)
+        return
+    context = multiprocessing.get_context("spawn")  # no fork of a threaded ORT process
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        yield from _ordered(pool, paths, resize, crop, chunk, window=4 * workers)
+
+
+def _ordered(
+    pool: Executor, paths: Sequence[str], resize: int, crop: int, chunk: int, window: int
+) -> Iterator[Decoded]:
+    pending: deque[Future] = deque()
+    starts = iter(range(0, len(paths), chunk))
+    for start in starts:
+        pending.append(pool.submit(_decode_chunk, paths[start : start + chunk], resize, crop))
+        if len(pending) >= window:
+            break
+    while pending:
+        done = pending.popleft().result()
+        start = next(starts, None)
+        if start is not None:
+            pending.append(pool.submit(_decode_chunk, paths[start : start + chunk], resize, crop))
+        yield from done
