@@ -108,9 +108,8 @@ class ImageIndex:
         self.repaired = False  # True when the file on disk did not agree with the sidecar
         if self.dim:
             index = vec.read(path, self.dim)
-            changes = self._sync(index) if index is not None and self._kind_ok(index) else None
-            if changes is not None:
-                self.index, self.repaired = index, changes > 0
+            if index is not None and self._kind_ok(index):
+                self.index, self.repaired = index, self._sync(index) > 0
             else:
                 self._rebuild()
                 self.repaired = True
@@ -320,10 +319,11 @@ class ImageIndex:
         if (
             self.index is None
             or not _same_kind(self.factory, target)
-            or self._sync(self.index) is None
             or (vec.base_ivf(self.index) is not None and self._needs_tuning())
         ):
             self._rebuild(target if not _same_kind(self.factory, target) else None)
+        else:
+            self._sync(self.index)
         vec.write_atomic(self.index, self.path)
         self.sidecar.set_meta({"index_ntotal": str(self.index.ntotal)})
         if self._searcher is not None:
@@ -358,7 +358,7 @@ class ImageIndex:
         """Whether an index file is of the type the sidecar says it built."""
         return _factory_of(index) == _factory_of(vec.new_index(self.factory, self.dim))
 
-    def _sync(self, index: faiss.IndexIDMap2) -> int | None:
+    def _sync(self, index: faiss.IndexIDMap2) -> int:
         return vec.sync(index, self.sidecar.ids(), self.sidecar.vectors)
 
     def _needs_tuning(self) -> bool:
@@ -390,8 +390,11 @@ class ImageIndex:
 def _factory_of(index: faiss.Index) -> str:
     """A coarse description to notice an index file that is not the one the sidecar names."""
     ivf = vec.base_ivf(index)
+    if ivf is not None:
+        return f"IVF{ivf.nlist}"
     inner = faiss.downcast_index(index.index)
-    return f"IVF{ivf.nlist}" if ivf is not None else type(inner).__name__
+    kind = "Flat" if isinstance(inner, faiss.IndexFlat) else type(inner).__name__
+    return f"{kind}/{inner.metric_type}"
 
 
 def _same_kind(current: str, target: str) -> bool:

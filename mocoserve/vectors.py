@@ -200,19 +200,22 @@ def _drop_self(found: np.ndarray, query_ids: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def sync(index: faiss.IndexIDMap2, wanted_ids: np.ndarray, vectors_for: Callable) -> int | None:
-    """Patch `index` to hold exactly `wanted_ids`: how many ids changed, None if it cannot.
+def sync(index: faiss.IndexIDMap2, wanted_ids: np.ndarray, vectors_for: Callable) -> int:
+    """Patch `index` to hold exactly `wanted_ids`; how many ids changed.
 
-    `vectors_for(ids)` yields (ids, vectors) blocks for the ids to add.
+    `vectors_for(ids)` yields (ids, vectors) blocks. Only a flat base renumbers its rows
+    on removal, as IDMap2 expects; any other base (IVF, HNSW) is emptied, keeping its
+    training, and refilled.
     """
     held = ids_of(index)
     stale = np.setdiff1d(held, wanted_ids, assume_unique=True)
     missing = np.setdiff1d(wanted_ids, held, assume_unique=True)
     if len(stale):
-        try:
+        if isinstance(faiss.downcast_index(index.index), faiss.IndexFlat):
             index.remove_ids(stale)
-        except RuntimeError:  # e.g. HNSW cannot remove: rebuild instead
-            return None
+        else:
+            index.reset()
+            missing = np.asarray(wanted_ids, dtype=np.int64)
     if len(missing):
         for ids, vectors in vectors_for(missing):
             index.add_with_ids(vectors, ids)

@@ -107,7 +107,7 @@ def embed(
             )
         finally:
             progress.stop()
-        out = Console(quiet=quiet)
+        out = Console()
         for path, error in summary.failures[:20]:
             out.print(f"[yellow]failed[/] {escape(path)}: {escape(error)}", soft_wrap=True)
         if len(summary.failures) > 20:

@@ -1,0 +1,303 @@
+"""`mocoserve embed` / `search` and `mocoserve.index` end to end on generated folders."""
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import mocoserve.index
+from mocoserve import vectors as vec
+from mocoserve.cli import app
+from mocoserve.decode import decode_file
+from mocoserve.embed import embed_folders
+from mocoserve.errors import UserError
+from mocoserve.model import resize_crop
+from tests.imagegen import class_image, exif_upright, make_awkward_files, make_labelled
+
+runner = CliRunner()
+
+
+def rows(index_path: Path) -> dict[str, tuple]:
+    """path -> (id, label, sha256, vector) from the sidecar."""
+    with sqlite3.connect(f"{index_path}.db") as db:
+        return {
+            p: (i, label, sha, np.frombuffer(v, dtype=np.float32))
+            for i, p, label, sha, v in db.execute(
+                "SELECT id, path, label, sha256, vector FROM items"
+            )
+        }
+
+
+def failures(index_path: Path) -> dict[str, str]:
+    with sqlite3.connect(f"{index_path}.db") as db:
+        return dict(db.execute("SELECT path, error FROM failures"))
+
+
+def assert_agree(index_path: Path) -> None:
+    """The FAISS file holds exactly the sidecar's ids, with the sidecar's vectors."""
+    stored = rows(index_path)
+    index = vec.read(index_path, len(next(iter(stored.values()))[3]))
+    assert index is not None
+    held = vec.ids_of(index)
+    assert sorted(held.tolist()) == sorted(r[0] for r in stored.values())
+    if vec.base_ivf(index) is None:  # IVF has no id -> vector map to read back
+        for _, (i, _, _, v) in list(stored.items())[:5]:
+            assert np.allclose(index.reconstruct(int(i)), v, atol=1e-6)
+
+
+def embed(*args: str) -> object:
+    return runner.invoke(app, ["embed", *args, "--quiet", "--workers", "0"])
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    return make_labelled(tmp_path / "images", classes=3, per_class=6)
+
+
+def test_awkward_files_are_embedded_or_recorded(tmp_path, model_dir):
+    expected = make_awkward_files(tmp_path / "awkward")
+    index = tmp_path / "out.faiss"
+    result = embed(str(tmp_path / "awkward"), "--index", str(index), "--model", str(model_dir))
+    assert result.exit_code == 0, result.output
+    failed = {Path(p).name: e for p, e in failures(index).items()}
+    embedded = {Path(p).name for p in rows(index)}
+    for name, reason in expected.items():
+        if reason is None:
+            assert name in embedded, f"{name} should be embedded; {failed.get(name)}"
+        else:
+            assert reason in failed[name], (name, failed.get(name))
+    n_bad = sum(r is not None for r in expected.values())
+    assert f"embedded {len(expected) - n_bad}, skipped 0 (unchanged), failed {n_bad}" in (
+        result.output
+    )
+    assert "Traceback" not in result.output
+    strict = embed(str(tmp_path / "awkward"), "--index", str(index), "--strict")
+    assert strict.exit_code == 1  # the bad files are retried and fail again
+    assert f"failed {n_bad}" in strict.output
+    assert_agree(index)
+
+
+def test_exif_rotation_and_size_are_applied(tmp_path):
+    from tests.imagegen import make_exif_rotated
+
+    make_exif_rotated(tmp_path)
+    decoded = decode_file(str(tmp_path / "rotated.png"), 32, 32)
+    assert (decoded.width, decoded.height) == (48, 32)
+    assert np.array_equal(decoded.pixels, np.asarray(resize_crop(exif_upright(), 32, 32)))
+
+
+def test_every_indexed_image_finds_itself_first(folder, tmp_path, model_dir):
+    index = tmp_path / "out.faiss"
+    assert embed(str(folder), "--index", str(index), "--model", str(model_dir)).exit_code == 0
+    idx = mocoserve.index.open(index)
+    files = sorted(str(p) for p in folder.rglob("*.*"))
+    assert len(idx) == len(files) == 18
+    for path, hits in zip(files, idx.search_images(files, k=3), strict=True):
+        assert hits[0].path == path and hits[0].is_query
+        assert hits[0].score == pytest.approx(1.0, abs=1e-4)
+        assert not any(h.is_query for h in hits[1:])
+
+
+def test_search_cli_table_and_json(folder, tmp_path, model_dir):
+    index = tmp_path / "out.faiss"
+    embed(str(folder), "--index", str(index), "--model", str(model_dir), "--labels-from-folders")
+    query = folder / "class_1" / "img_002.jpg"
+    table = runner.invoke(app, ["search", str(index), str(query), "-k", "3"])
+    assert table.exit_code == 0, table.output
+    assert "the query" in table.output and "(in the index)" in table.output
+    result = runner.invoke(app, ["search", str(index), str(query), "-k", "3", "--json"])
+    payload = json.loads(result.stdout)
+    assert payload[0]["in_index"] is True
+    top = payload[0]["results"][0]
+    assert top["path"] == str(query) and top["label"] == "class_1" and top["rank"] == 1
+    assert len(payload[0]["results"]) == 3
+    only = runner.invoke(app, ["search", str(index), str(query), "--label", "class_2", "--json"])
+    assert {r["label"] for r in json.loads(only.stdout)[0]["results"]} == {"class_2"}
+    # an outside query image is not flagged
+    class_image(1, 99).save(tmp_path / "outside.png")
+    outside = runner.invoke(app, ["search", str(index), str(tmp_path / "outside.png"), "--json"])
+    assert json.loads(outside.stdout)[0]["in_index"] is False
+
+
+def test_rerun_skips_and_follows_adds_changes_and_deletes(folder, tmp_path, model_dir):
+    index = tmp_path / "out.faiss"
+    base = ["--index", str(index), "--model", str(model_dir), "--labels-from-folders"]
+    assert embed(str(folder), *base).exit_code == 0
+    again = embed(str(folder), *base)
+    assert "embedded 0, skipped 18 (unchanged), failed 0, removed 0" in again.output
+    before = rows(index)
+
+    (folder / "class_0" / "img_000.jpg").unlink()  # delete
+    changed = folder / "class_1" / "img_001.png"
+    class_image(2, 7).save(changed)  # change (new content, new size/mtime)
+    os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
+    class_image(0, 50).save(folder / "class_0" / "new.png")  # add
+    result = embed(str(folder), *base)
+    assert "embedded 2, skipped 16 (unchanged), failed 0, removed 1" in result.output
+    after = rows(index)
+    assert str(folder / "class_0" / "img_000.jpg") not in after
+    assert after[str(changed)][0] != before[str(changed)][0]  # a new id for the new vector
+    assert not np.allclose(after[str(changed)][3], before[str(changed)][3])
+    assert_agree(index)
+
+    # the same as embedding the final folder from scratch
+    fresh = tmp_path / "fresh.faiss"
+    assert embed(str(folder), "--index", str(fresh), "--model", str(model_dir)).exit_code == 0
+    scratch = rows(fresh)
+    assert after.keys() == scratch.keys()
+    for path in after:
+        assert after[path][2] == scratch[path][2]
+        assert np.allclose(after[path][3], scratch[path][3], atol=1e-5)
+    a, b = mocoserve.index.open(index), mocoserve.index.open(fresh)
+    q = np.stack([v[3] for v in scratch.values()])
+    assert [[h.path for h in r] for r in a.search_vectors(q, 5)] == [
+        [h.path for h in r] for r in b.search_vectors(q, 5)
+    ]
+
+
+def test_python_api_add_remove_len(folder, tmp_path, model_dir):
+    index = tmp_path / "out.faiss"
+    embed_folders([folder / "class_0"], model_dir, index, workers=0)
+    idx = mocoserve.index.open(index)
+    assert len(idx) == 6
+    extra = sorted((folder / "class_1").iterdir())[:3]
+    counts = idx.add(extra, labels=["one"] * 3)
+    assert counts.embedded == 3 and len(idx) == 9
+    hits = idx.search_images([extra[0]], k=1)[0]
+    assert hits[0].path == str(extra[0]) and hits[0].label == "one"
+    assert idx.remove([extra[0], tmp_path / "never-indexed.png"]) == 1
+    assert len(idx) == 8
+    assert_agree(index)
+    reopened = mocoserve.index.open(index)
+    assert len(reopened) == 8 and not reopened.repaired
+    assert reopened.search_images([extra[0]], k=1)[0][0].path != str(extra[0])
+
+
+def test_crash_between_sidecar_and_index_write_is_repaired(folder, tmp_path, model_dir):
+    index = tmp_path / "out.faiss"
+    embed_folders([folder / "class_0"], model_dir, index, workers=0)
+    idx = mocoserve.index.open(index)
+    new = sorted((folder / "class_2").iterdir())
+    idx.ingest([str(p) for p in new], [None] * len(new), 4, 0)  # committed, index not saved
+    idx.sidecar.close()
+    reopened = mocoserve.index.open(index)
+    assert reopened.repaired and len(reopened) == 12
+    assert reopened.search_images([new[0]], k=1)[0][0].path == str(new[0])
+    result = embed(str(folder / "class_2"), "--index", str(index))
+    assert "embedded 0, skipped 6" in result.output
+    assert_agree(index)
+    # a damaged index file is rebuilt from the sidecar
+    index.write_bytes(b"not a faiss index")
+    assert mocoserve.index.open(index).repaired
+    assert embed(str(folder / "class_2"), "--index", str(index)).exit_code == 0
+    assert_agree(index)
+
+
+def test_killed_run_resumes_to_the_same_index(tmp_path, model_dir):
+    folder = make_labelled(tmp_path / "many", classes=4, per_class=150, size=64)
+    clean = tmp_path / "clean.faiss"
+    assert embed(str(folder), "--index", str(clean), "--model", str(model_dir)).exit_code == 0
+    killed = tmp_path / "killed.faiss"
+    cmd = [sys.executable, "-m", "mocoserve", "embed", str(folder), "--index", str(killed)]
+    cmd += ["--model", str(model_dir), "--batch-size", "4", "--workers", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = 0
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if Path(f"{killed}.db").exists():
+            try:
+                with sqlite3.connect(f"{killed}.db", timeout=1) as db:
+                    done = db.execute("SELECT count(*) FROM items").fetchone()[0]
+            except sqlite3.OperationalError:
+                done = 0
+            if done >= 40:
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 40 <= done < 600, "the run should be killed part way"
+    assert not killed.exists()  # never got to write the index
+    result = embed(str(folder), "--index", str(killed))
+    assert result.exit_code == 0, result.output
+    assert "failed 0" in result.output and "embedded" in result.output
+    a, b = rows(clean), rows(killed)
+    assert a.keys() == b.keys()
+    for path in a:
+        assert a[path][:3] == b[path][:3]  # same id, label and sha256
+        assert np.allclose(a[path][3], b[path][3], atol=1e-6)
+    assert_agree(killed)
+
+
+def test_model_mismatch_and_bad_input_are_clear_errors(folder, tmp_path, model_dir):
+    from tests.models import make_package
+
+    index = tmp_path / "out.faiss"
+    assert embed(str(folder), "--index", str(index), "--model", str(model_dir)).exit_code == 0
+    other = make_package(tmp_path / "other", formats=("torchscript",))
+    result = embed(str(folder), "--index", str(index), "--model", str(other))
+    assert result.exit_code == 2 and "different model" in result.output
+    missing = embed(str(tmp_path / "nope"), "--index", str(index))
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    new_without_model = embed(str(folder), "--index", str(tmp_path / "new.faiss"))
+    assert new_without_model.exit_code == 2 and "--model" in new_without_model.output
+    bad_type = embed(
+        str(folder),
+        "--index",
+        str(tmp_path / "t.faiss"),
+        "--model",
+        str(model_dir),
+        "--index-type",
+        "Bogus12",
+    )
+    assert bad_type.exit_code == 2 and "FAISS factory" in bad_type.output
+    no_index = runner.invoke(app, ["search", str(tmp_path / "none.faiss"), str(folder)])
+    assert no_index.exit_code == 2 and "not an index" in no_index.output
+    not_image = tmp_path / "q.jpg"
+    not_image.write_text("text")
+    bad_query = runner.invoke(app, ["search", str(index), str(not_image)])
+    assert bad_query.exit_code == 2 and "not an image" in bad_query.output
+    with pytest.raises(UserError, match="different model"):
+        mocoserve.index.open(index, model=other)
+
+
+@pytest.mark.parametrize("index_type", ["hnsw", "IVF4,Flat", "ivf"])
+def test_other_index_types_follow_changes(folder, tmp_path, model_dir, index_type):
+    index = tmp_path / "out.faiss"
+    args = ["--index", str(index), "--model", str(model_dir), "--index-type", index_type]
+    result = embed(str(folder), *args)
+    assert result.exit_code == 0, result.output
+    (folder / "class_2" / "img_000.jpg").unlink()
+    assert "removed 1" in embed(str(folder), "--index", str(index)).output
+    assert_agree(index)
+    idx = mocoserve.index.open(index)
+    files = sorted(str(p) for p in folder.rglob("*.*"))
+    assert [h[0].path for h in idx.search_images(files, k=1)] == files
+
+
+def test_symlink_loop_and_linked_files(tmp_path, model_dir):
+    root = tmp_path / "root"
+    make_labelled(root, classes=2, per_class=2)
+    (root / "class_0" / "loop").symlink_to(root, target_is_directory=True)
+    index = tmp_path / "out.faiss"
+    result = embed(str(root), "--index", str(index), "--model", str(model_dir))
+    assert result.exit_code == 0, result.output
+    assert len(rows(index)) == 4
+
+
+def test_serving_path_imports_no_training_code(tmp_path):
+    code = (
+        "import sys, mocoserve.index, mocoserve.embed, mocoserve.commands.serve\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('train', 'export', 'torch')]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    shutil.rmtree(tmp_path, ignore_errors=True)

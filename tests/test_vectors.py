@@ -1,0 +1,127 @@
+"""FAISS helpers on seeded synthetic vectors with known exact neighbours."""
+
+import faiss
+import numpy as np
+import pytest
+
+from mocoserve import vectors as vec
+from mocoserve.errors import UserError
+
+
+def clustered(n: int, dim: int = 32, clusters: int = 50, seed: int = 0) -> np.ndarray:
+    """Points around the same fixed cluster centres; `seed` draws different points."""
+    centres = np.random.default_rng(0).normal(size=(clusters, dim))
+    rng = np.random.default_rng(seed + 1)
+    x = centres[rng.integers(0, clusters, n)] + 0.35 * rng.normal(size=(n, dim))
+    return vec.normalize(x)
+
+
+def blocks_of(ids: np.ndarray, x: np.ndarray, size: int = 1000):
+    return lambda: ((ids[i : i + size], x[i : i + size]) for i in range(0, len(ids), size))
+
+
+def sampler(x: np.ndarray):
+    rng = np.random.default_rng(1)
+    return lambda m: x[rng.choice(len(x), size=min(m, len(x)), replace=False)]
+
+
+def test_choose_factory():
+    assert vec.choose_factory("auto", 10) == "Flat"
+    assert vec.choose_factory("auto", 2_000_000) == f"IVF{vec.ivf_nlist(2_000_000)},Flat"
+    assert vec.ivf_nlist(1_000_000) == 4000
+    assert vec.choose_factory("auto", 5000, flat_limit=1000) == "IVF283,Flat"
+    assert vec.choose_factory("hnsw", 10) == "HNSW32,Flat"
+    assert vec.choose_factory("IDMap2,PQ8", 10) == "PQ8"
+
+
+def test_bad_factory_is_a_user_error():
+    with pytest.raises(UserError, match="FAISS factory"):
+        vec.new_index("NoSuchIndex99", 16)
+
+
+def test_exact_knn_over_blocks_equals_brute_force():
+    x = clustered(3000)
+    ids = np.arange(100, 3100, dtype=np.int64)
+    q = clustered(20, seed=5)
+    scores, found = vec.exact_knn(q, blocks_of(ids, x, 700), 10)
+    ref = np.argsort(-(q @ x.T), axis=1)[:, :10] + 100
+    assert np.array_equal(found, ref)
+    assert np.allclose(scores, np.take_along_axis(q @ x.T, ref - 100, axis=1), atol=1e-5)
+
+
+def test_auto_ivf_meets_recall_target_on_held_out_queries():
+    n = 20_000
+    x = clustered(n)
+    ids = np.arange(n, dtype=np.int64) * 3 + 7  # ids need not be positions
+    factory = vec.choose_factory("auto", n, flat_limit=1000)
+    assert factory.startswith("IVF")
+    built = vec.build(factory, 32, blocks_of(ids, x), sampler(x), n)
+    assert built.nprobe is not None and built.recall_at_10 >= vec.RECALL_TARGET
+    assert vec.base_ivf(built.index).nprobe == built.nprobe
+    # fresh queries from the same clusters, never indexed
+    q = clustered(500, seed=9)
+    _, truth = vec.exact_knn(q, blocks_of(ids, x), 10)
+    _, found = built.index.search(q, 10)
+    assert vec.recall_at(found, truth) >= vec.RECALL_TARGET
+
+
+def test_sync_adds_and_removes_to_match_wanted_ids():
+    x = clustered(200)
+    ids = np.arange(200, dtype=np.int64)
+    index = vec.new_index("Flat", 32)
+    index.add_with_ids(x[:150], ids[:150])
+    wanted = np.concatenate([ids[20:150], ids[160:200]])
+
+    def vectors_for(missing):
+        yield missing, x[missing]
+
+    assert vec.sync(index, wanted, vectors_for) == 20 + 40
+    assert np.array_equal(np.sort(vec.ids_of(index)), wanted)
+    _, found = index.search(x[170:171], 1)
+    assert found[0, 0] == 170
+
+
+@pytest.mark.parametrize("factory", ["IVF8,Flat", "HNSW32,Flat"])
+def test_sync_refills_bases_that_do_not_renumber(factory):
+    x = clustered(400)
+    ids = np.arange(400, dtype=np.int64) + 5
+    index = vec.new_index(factory, 32)
+    index.train(x)
+    index.add_with_ids(x, ids)
+    vec.set_search_params(index, 8)
+    keep = np.setdiff1d(ids, ids[::7])
+
+    def vectors_for(wanted):
+        yield wanted, x[wanted - 5]
+
+    vec.sync(index, keep, vectors_for)
+    assert np.array_equal(np.sort(vec.ids_of(index)), keep)
+    _, found = index.search(x[keep - 5], 1)
+    assert np.array_equal(found[:, 0], keep)  # every kept vector finds itself under its id
+
+
+def test_write_atomic_and_read_round_trip(tmp_path):
+    x = clustered(100)
+    index = vec.new_index("Flat", 32)
+    index.add_with_ids(x, np.arange(100, dtype=np.int64))
+    path = tmp_path / "i.faiss"
+    vec.write_atomic(index, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["i.faiss"]  # no temp file left
+    again = vec.read(path, 32)
+    assert again.ntotal == 100
+    assert vec.read(path, 64) is None  # wrong dim: not ours
+    path.write_bytes(b"garbage")
+    assert vec.read(path, 32) is None
+
+
+def test_searcher_on_cpu_maps_ids_and_caps_k():
+    x = clustered(50)
+    index = vec.new_index("Flat", 32)
+    index.add_with_ids(x, np.arange(1000, 1050, dtype=np.int64))
+    searcher = vec.Searcher(index, None, "cpu")
+    scores, ids = searcher.search(x[:3], 100)
+    assert ids.shape == (3, 50) and list(ids[:, 0]) == [1000, 1001, 1002]
+    assert np.allclose(scores[:, 0], 1.0, atol=1e-5)
+    if faiss.get_num_gpus() == 0:
+        with pytest.raises(UserError, match="cuda"):
+            vec.Searcher(index, None, "cuda")
