@@ -175,6 +175,8 @@ def _load_onnx(folder: Path, manifest: dict, file: Path, device: str) -> Package
         providers.insert(0, "CUDAExecutionProvider")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # a missing GPU is reported by us, not as a warning wall
+    # Idle ORT threads would otherwise spin between batches, starving the decoder processes.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(file), options, providers=providers)
     active = session.get_providers()[0]
     if device == "cuda" and active != "CUDAExecutionProvider":
