@@ -1,0 +1,368 @@
+"""`mocoserve knn`: embed labelled folders (or reuse an index), classify by k-NN, report.
+
+The report folder gets report.json (every figure), report.md (tables), confusion.png and
+neighbours.png (queries with their nearest training images, framed green or red).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+
+from mocoserve import knn
+from mocoserve.embed import embed_folders
+from mocoserve.errors import UserError
+from mocoserve.images import load_rgb
+from mocoserve.index import model_fingerprint, sidecar_path
+from mocoserve.sidecar import Sidecar
+
+
+@dataclass
+class LabelledSet:
+    """Embeddings of a labelled image set, read back from an index's sidecar."""
+
+    paths: list[str]
+    labels: list[str]
+    vectors: np.ndarray
+    failed: int = 0
+    unlabelled: int = 0
+
+
+def read_labelled(index_path: Path, paths_under: Path | None = None) -> LabelledSet:
+    """Every labelled item of an index (optionally only those under a folder)."""
+    if not sidecar_path(index_path).is_file():
+        raise UserError(f"{index_path} is not an index (no {sidecar_path(index_path).name})")
+    sidecar = Sidecar(sidecar_path(index_path))
+    try:
+        dim = int(sidecar.get_meta("dim") or 0)
+        prefix = str(paths_under.resolve()) + "/" if paths_under else ""
+        rows = sidecar.db.execute(
+            "SELECT path, label, vector FROM items WHERE path LIKE ? ESCAPE '\\' ORDER BY path",
+            (_like_prefix(prefix),),
+        ).fetchall()
+        failed = sum(1 for p, _ in sidecar.failures() if p.startswith(prefix))
+    finally:
+        sidecar.close()
+    labelled = [r for r in rows if r[1] is not None]
+    vectors = np.frombuffer(b"".join(r[2] for r in labelled), dtype=np.float32)
+    return LabelledSet(
+        [r[0] for r in labelled],
+        [r[1] for r in labelled],
+        vectors.reshape(len(labelled), dim),
+        failed,
+        len(rows) - len(labelled),
+    )
+
+
+def _like_prefix(prefix: str) -> str:
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+@dataclass
+class KnnReport:
+    """Everything report.json holds, plus where the files are."""
+
+    out: Path
+    figures: dict[str, Any]
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def run_knn(
+    model: Path | None,
+    train: Path | None,
+    val: Path | None,
+    out: Path,
+    train_index: Path | None = None,
+    k: int | None = None,
+    temperature: float | None = None,
+    preset: str = "dino",
+    loo: bool = False,
+    device: str = "auto",
+    workers: int | None = None,
+    batch_size: int = 64,
+    grid_queries: int = 8,
+    baseline: dict[str, float] | None = None,
+) -> KnnReport:
+    """Classify `val` (or `train` leave-one-out) by k-NN against `train` and write the report."""
+    if preset not in knn.PRESETS:
+        raise UserError(f"--preset must be one of {', '.join(knn.PRESETS)}, got {preset!r}")
+    p = knn.PRESETS[preset]
+    k = p["k"] if k is None else k
+    temperature = p["temperature"] if temperature is None else temperature
+    if k < 1 or temperature <= 0:
+        raise UserError("--k must be at least 1 and --temperature above 0")
+    ks = tuple(sorted({k, *p["ks"]})) if k == p["k"] else (k,)
+    if loo and val is not None:
+        raise UserError("--loo classifies the --train folder against itself; drop --val")
+    if not loo and val is None:
+        raise UserError("give --val (a labelled folder), or --loo to use --train alone")
+    if train is None and train_index is None:
+        raise UserError("give --train (a labelled folder) or --train-index (an index with labels)")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    if train_index is not None:
+        if model is None:
+            stored = Sidecar(sidecar_path(train_index)).get_meta("model_path")
+            model = Path(stored) if stored else None
+        train_set = read_labelled(train_index)
+        if not train_set.labels:
+            raise UserError(f"{train_index} has no labels; build it with --labels-from-folders")
+    if model is None or not (Path(model) / "manifest.json").is_file():
+        raise UserError(f"--model {model} is not a model package folder")
+    fingerprint = model_fingerprint(model)
+    cache = out / "index"
+    cache.mkdir(exist_ok=True)
+    if train_index is None:
+        train_index = cache / f"train-{fingerprint[:12]}.faiss"
+        embed_folders([train], model, train_index, batch_size, workers, "flat", True, device)
+        train_set = read_labelled(train_index, train)
+    if loo:
+        val_set, val_index = train_set, train_index
+    else:
+        val_index = cache / f"val-{fingerprint[:12]}.faiss"
+        embed_folders([val], model, val_index, batch_size, workers, "flat", True, device)
+        val_set = read_labelled(val_index, val)
+    if not train_set.labels:
+        raise UserError(f"{train} has no labelled images (expected class/image folders)")
+    if not val_set.labels:
+        raise UserError(f"{val} has no labelled images (expected class/image folders)")
+
+    classes = sorted(set(train_set.labels))
+    missing = sorted(set(val_set.labels) - set(classes))
+    if missing:
+        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise UserError(f"val classes missing from the train set: {shown}")
+    class_id = {c: i for i, c in enumerate(classes)}
+    train_labels = np.array([class_id[c] for c in train_set.labels], dtype=np.int64)
+    val_labels = np.array([class_id[c] for c in val_set.labels], dtype=np.int64)
+    if train_set.vectors.shape[1] != val_set.vectors.shape[1]:
+        raise UserError("--train-index was built with a model of another embedding size")
+    self_ids = np.arange(len(val_labels)) if loo else None
+    if len(train_labels) - (1 if loo else 0) < 1:
+        raise UserError("the train set needs at least one image (two for --loo)")
+    result = knn.knn_classify(
+        train_set.vectors,
+        train_labels,
+        val_set.vectors,
+        len(classes),
+        ks,
+        temperature,
+        self_ids,
+        device=device,
+    )
+    figures = _figures(result, k, val_labels, classes, train_set, val_set, loo, preset)
+    figures["model"] = {"path": str(Path(model).resolve()), "manifest_sha256": fingerprint}
+    figures["train"] = str(train if train is not None else train_index)
+    figures["val"] = "leave-one-out on train" if loo else str(val)
+    figures["indexes"] = {"train": str(train_index), "val": str(val_index)}
+    if baseline:
+        figures["baseline"] = baseline
+    figures["seconds"] = round(time.perf_counter() - started, 2)
+    report = KnnReport(out, figures)
+    report.files = write_report(
+        out, figures, result, k, val_labels, classes, train_set, val_set, train_labels, grid_queries
+    )
+    return report
+
+
+def _figures(result, k, val_labels, classes, train_set, val_set, loo, preset) -> dict[str, Any]:
+    top1, top5 = result.accuracy(val_labels, k)
+    predicted = result.top5[k][:, 0]
+    matrix = knn.confusion(val_labels, predicted, len(classes))
+    per_class = []
+    for i, name in enumerate(classes):
+        n = int(matrix[i].sum())
+        if n:
+            per_class.append({"class": name, "n": n, "top1": round(100 * matrix[i, i] / n, 2)})
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    pairs = [
+        {"true": classes[t], "predicted": classes[p], "count": int(off[t, p])}
+        for t, p in zip(*np.unravel_index(np.argsort(-off, axis=None)[:10], off.shape), strict=True)
+        if off[t, p] > 0
+    ]
+    return {
+        "preset": preset,
+        "k": k,
+        "temperature": result.temperature,
+        "weighting": "exp(sim / T)",
+        "top1": round(top1, 3),
+        "top5": round(top5, 3),
+        "by_k": {
+            str(kk): dict(
+                zip(
+                    ("top1", "top5"),
+                    map(lambda v: round(v, 3), result.accuracy(val_labels, kk)),
+                    strict=True,
+                )
+            )
+            for kk in result.ks
+        },
+        "counts": {
+            "train": len(train_set.paths),
+            "val": len(val_set.paths),
+            "classes": len(classes),
+            "val_classes": len(set(val_set.labels)),
+            "train_failed": train_set.failed,
+            "val_failed": val_set.failed,
+            "unlabelled_skipped": train_set.unlabelled + (0 if loo else val_set.unlabelled),
+        },
+        "leave_one_out": loo,
+        "per_class": per_class,
+        "most_confused": pairs,
+        "classes": classes,
+        "confusion": matrix.tolist(),
+    }
+
+
+def write_report(
+    out, figures, result, k, val_labels, classes, train_set, val_set, train_labels, grid_queries
+) -> dict[str, Path]:
+    """report.json, report.md, confusion.png, neighbours.png; returns their paths."""
+    files = {
+        "json": out / "report.json",
+        "markdown": out / "report.md",
+        "confusion": out / "confusion.png",
+        "neighbours": out / "neighbours.png",
+    }
+    files["json"].write_text(json.dumps(figures, indent=2) + "\n")
+    files["markdown"].write_text(_markdown(figures))
+    confusion_png(np.array(figures["confusion"]), classes).save(files["confusion"])
+    neighbours_png(
+        result, k, val_labels, train_labels, train_set, val_set, classes, grid_queries
+    ).save(files["neighbours"])
+    return files
+
+
+def _markdown(f: dict[str, Any]) -> str:
+    c = f["counts"]
+    lines = [
+        "# k-NN report",
+        "",
+        f"Model `{f['model']['path']}` (manifest sha256 `{f['model']['manifest_sha256'][:16]}…`).",
+        f"Train: {f['train']} ({c['train']} images, {c['classes']} classes). "
+        f"Val: {f['val']} ({c['val']} images, {c['val_classes']} classes).",
+        f"Weighted k-NN: cosine similarity, each of the k nearest votes exp(sim / T); "
+        f"k = {f['k']}, T = {f['temperature']} (preset {f['preset']}).",
+        "",
+        "| k | top-1 % | top-5 % |",
+        "| ---: | ---: | ---: |",
+    ]
+    lines += [f"| {kk} | {v['top1']:.2f} | {v['top5']:.2f} |" for kk, v in f["by_k"].items()]
+    if "baseline" in f:
+        lines += ["", "| network | top-1 % |", "| --- | ---: |"]
+        lines += [f"| {name} | {v:.2f} |" for name, v in f["baseline"].items()]
+    lines += ["", "## Per class", "", "| class | images | top-1 % |", "| --- | ---: | ---: |"]
+    lines += [f"| {p['class']} | {p['n']} | {p['top1']:.2f} |" for p in f["per_class"]]
+    lines += ["", "## Most confused", ""]
+    if f["most_confused"]:
+        lines += ["| true | predicted as | count |", "| --- | --- | ---: |"]
+        lines += [f"| {p['true']} | {p['predicted']} | {p['count']} |" for p in f["most_confused"]]
+    else:
+        lines.append("No confusions.")
+    skipped = c["train_failed"] + c["val_failed"] + c["unlabelled_skipped"]
+    if skipped:
+        lines += [
+            "",
+            f"Skipped: {c['train_failed']} train and {c['val_failed']} val files "
+            f"that could not be decoded, {c['unlabelled_skipped']} without a class folder.",
+        ]
+    lines += [
+        "",
+        "Pictures: `confusion.png` (rows: true class, row-normalised) and "
+        "`neighbours.png` (queries left, nearest training images right; green: same "
+        "class, red: another).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def confusion_png(matrix: np.ndarray, classes: list[str]) -> Image.Image:
+    """A row-normalised confusion matrix: white (0) to dark blue (1), with class names.
+
+    Rows are true classes, columns predicted ones; counts are written in cells big enough.
+    """
+    n = len(classes)
+    cell = max(4, min(48, 720 // max(n, 1)))
+    named = n <= 60
+    margin = 14 + 6 * min(16, max((len(c) for c in classes), default=1)) if named else 14
+    rows = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    shade = (255 - rows[..., None] * np.array([200, 160, 90])).clip(0, 255)  # n x n x 3
+    heat = Image.fromarray(shade.astype(np.uint8), "RGB").resize(
+        (n * cell, n * cell), Image.NEAREST
+    )
+    image = Image.new("RGB", (margin + n * cell + 8, margin + n * cell + 8), "white")
+    image.paste(heat, (margin, margin))
+    draw = ImageDraw.Draw(image)
+    draw.text((2, 2), "true \\ predicted", fill="grey")
+    if named:
+        for i, name in enumerate(classes):
+            label = name[:16]
+            draw.text((4, margin + i * cell + cell // 2 - 5), label, fill="black")
+            strip = Image.new("RGB", (margin - 14, 12), "white")
+            ImageDraw.Draw(strip).text((0, 0), label, fill="black")
+            rotated = strip.rotate(90, expand=True)
+            image.paste(rotated, (margin + i * cell + cell // 2 - 6, 14))
+        if cell >= 24:
+            for t in range(n):
+                for p in range(n):
+                    if matrix[t, p]:
+                        colour = "white" if rows[t, p] > 0.5 else "black"
+                        xy = (margin + p * cell + 3, margin + t * cell + cell // 2 - 5)
+                        draw.text(xy, str(matrix[t, p]), fill=colour)
+    return image
+
+
+def _thumb(path: str, size: int, frame: str) -> Image.Image:
+    try:
+        image = ImageOps.fit(load_rgb(path), (size - 6, size - 6))
+    except (OSError, ValueError):
+        image = Image.new("RGB", (size - 6, size - 6), "grey")
+    return ImageOps.expand(image, border=3, fill=frame)
+
+
+def neighbours_png(
+    result,
+    k,
+    val_labels,
+    train_labels,
+    train_set,
+    val_set,
+    classes,
+    queries: int,
+    shown: int = 6,
+    size: int = 72,
+) -> Image.Image:
+    """One row per query (one per class first, then misclassified ones): query + neighbours."""
+    predicted = result.top5[k][:, 0]
+    picks: list[int] = []
+    for c in np.unique(val_labels):
+        picks.append(int(np.flatnonzero(val_labels == c)[0]))
+    wrong = [int(i) for i in np.flatnonzero(predicted != val_labels) if int(i) not in picks]
+    picks = (picks[: max(1, queries // 2)] + wrong)[:queries]
+    if len(picks) < queries:
+        picks += [i for i in range(len(val_labels)) if i not in picks][: queries - len(picks)]
+    shown = min(shown, result.rows.shape[1])
+    label_h = 14
+    image = Image.new("RGB", ((shown + 1) * size + 12, len(picks) * (size + label_h)), "white")
+    draw = ImageDraw.Draw(image)
+    for r, q in enumerate(picks):
+        y = r * (size + label_h)
+        image.paste(_thumb(val_set.paths[q], size, "#3060c0"), (0, y))
+        verdict = "ok" if predicted[q] == val_labels[q] else f"-> {classes[predicted[q]][:10]}"
+        draw.text((2, y + size), f"{classes[val_labels[q]][:10]} {verdict}", fill="black")
+        for j in range(shown):
+            row = int(result.rows[q, j])
+            same = train_labels[row] == val_labels[q]
+            x = (j + 1) * size + 12
+            image.paste(
+                _thumb(train_set.paths[row], size, "#20a040" if same else "#d02020"), (x, y)
+            )
+            draw.text((x + 2, y + size), f"{result.sims[q, j]:.2f}", fill="black")
+    return image
