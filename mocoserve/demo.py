@@ -1,7 +1,8 @@
 """The main job on a dataset a package ships: scikit-learn's digits as an image folder.
 
-Writes the images, measures the k-NN accuracy of the network with random weights, trains
-it with MoCo v2 on the CPU, and measures it again.
+Writes the images, trains a small MoCo v2 model on the CPU, exports it (and the same
+network with its random initial weights), embeds the train split into an index and
+writes k-NN reports for both models against the val split.
 """
 
 from __future__ import annotations
@@ -36,9 +37,14 @@ class DemoResult:
     out: Path
     train_dir: Path
     val_dir: Path
-    checkpoint: Path | None
+    checkpoint: Path
+    model: Path
+    index: Path
+    report: Path
+    random_report: Path
     random_top1: float
     trained_top1: float
+    minutes: float
 
 
 def write_digits(
@@ -62,14 +68,19 @@ def write_digits(
 
 
 def run_demo(out: Path, epochs: int, seed: int = 0, workers: int = 2) -> DemoResult:
+    import time
+
     import torch
 
-    from train import distributed
+    from export.package import export_checkpoint
+    from mocoserve.embed import embed_folders
+    from mocoserve.report import run_knn
+    from train import checkpoint
     from train.config import build_config
-    from train.data import scan_folder
-    from train.loop import evaluate, fit
+    from train.loop import fit
     from train.methods import build_method
 
+    started = time.perf_counter()
     train_dir, val_dir = write_digits(out / "data", seed=seed)
     overrides = {
         **DEMO_RECIPE,
@@ -84,13 +95,56 @@ def run_demo(out: Path, epochs: int, seed: int = 0, workers: int = 2) -> DemoRes
         "run.save_every": epochs,
     }
     cfg = build_config("moco-v2", overrides=overrides)
-    device = distributed.setup("cpu")
-    train_index = scan_folder(train_dir)
-    val_index = scan_folder(val_dir, train_index.classes)
     torch.manual_seed(seed)  # the same initial weights fit() starts from
-    untrained = build_method(cfg)
-    random_top1 = evaluate(untrained, cfg, train_index, val_index, device)["knn_top1"]
+    random_ckpt = out / "random-weights.pt"
+    checkpoint.save_atomic(
+        {
+            "format": checkpoint.FORMAT,
+            "version": checkpoint.VERSION,
+            "method": "moco-v2",
+            "arch": cfg.model.arch,
+            "config": cfg.to_dict(),
+            "model": build_method(cfg).state_dict(),
+            "epoch": 0,
+            "epoch_step": 0,
+            "step": 0,
+        },
+        random_ckpt,
+    )
     result = fit(cfg)
+    if result.checkpoint is None:
+        raise UserError("training stopped before writing a checkpoint")
+    model = export_checkpoint(result.checkpoint, out / "model").out
+    random_model = export_checkpoint(random_ckpt, out / "random-model", formats=("onnx",)).out
+    decoders = max(0, min(workers, 1))
+    random_report = run_knn(
+        random_model, train_dir, val_dir, out / "report-random", preset="moco", workers=decoders
+    )
+    random_top1 = random_report.figures["top1"]
+    index = out / "digits.faiss"
+    embed_folders(
+        [train_dir], model, index, workers=decoders, labels_from_folders=True, index_type="flat"
+    )
+    report = run_knn(
+        model,
+        None,
+        val_dir,
+        out / "report",
+        train_index=index,
+        preset="moco",
+        workers=decoders,
+        baseline={"ResNet-18, random weights": random_top1},
+    )
     return DemoResult(
-        out, train_dir, val_dir, result.checkpoint, random_top1, result.metrics["knn_top1"]
+        out,
+        train_dir,
+        val_dir,
+        result.checkpoint,
+        model,
+        index,
+        report.out,
+        random_report.out,
+        random_top1,
+        report.figures["top1"],
+        (time.perf_counter() - started) / 60,
     )

@@ -26,3 +26,10 @@ def test_demo_command_runs_and_reports_both_accuracies(tmp_path):
     assert "random weights" in result.output and "MoCo v2 (1 epochs)" in result.output
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
     assert "knn_top1" in (tmp_path / "run" / "metrics.jsonl").read_text()
+    for name in ("report", "report-random"):
+        assert (tmp_path / name / "report.json").is_file()
+        assert (tmp_path / name / "confusion.png").is_file()
+    assert (tmp_path / "model" / "manifest.json").is_file()
+    assert (tmp_path / "digits.faiss").is_file() and (tmp_path / "digits.faiss.db").is_file()
+    assert "ResNet-18, random weights" in (tmp_path / "report" / "report.md").read_text()
+    assert "mocoserve search" in result.output

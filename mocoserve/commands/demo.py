@@ -1,4 +1,4 @@
-"""`mocoserve demo`: the whole pipeline so far on scikit-learn's digits, on the CPU."""
+"""`mocoserve demo`: the whole pipeline on scikit-learn's digits, on the CPU."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def demo(
     seed: SeedOpt = None,
     workers: WorkersOpt = None,
 ) -> None:
-    """Train MoCo v2 on scikit-learn's digits and compare k-NN accuracy with random weights."""
+    """Train, export, embed and report on scikit-learn's digits: trained vs random weights."""
     from mocoserve.demo import run_demo
 
     result = guarded(lambda: run_demo(out, epochs, seed or 0, 2 if workers is None else workers))
@@ -34,8 +34,15 @@ def demo(
     table.add_row(f"ResNet-18, MoCo v2 ({epochs} epochs)", f"{result.trained_top1:.1f}")
     console = Console()
     console.print(table)
-    console.print(f"images:     {result.train_dir}  {result.val_dir}")
-    console.print(f"run:        {result.out / 'run'} (metrics.jsonl, tb/, config.yaml)")
-    console.print(f"checkpoint: {result.checkpoint}")
+    console.print(f"images:      {result.train_dir}  {result.val_dir}")
+    console.print(f"run:         {result.out / 'run'} (metrics.jsonl, tb/, config.yaml)")
+    console.print(f"checkpoint:  {result.checkpoint}")
+    console.print(f"model:       {result.model} (ONNX + TorchScript, manifest.json)")
+    console.print(f"index:       {result.index} (+ .db sidecar)")
+    console.print(
+        f"report:      {result.report}/report.md (random weights: {result.random_report})"
+    )
+    console.print(f"search:      mocoserve search {result.index} {result.val_dir}/3/*.png -k 5")
+    console.print(f"took {result.minutes:.1f} min")
     if result.trained_top1 <= result.random_top1:
         console.print("[yellow]training did not beat random weights; try more --epochs[/yellow]")
