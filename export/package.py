@@ -13,6 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,14 +127,23 @@ def _export_onnx(model: nn.Module, path: Path, size: int, opset: int) -> None:
         dynamo=True,
         external_data=False,
         dynamic_shapes={"images": {0: batch}},
+        verbose=False,
     )
     program.save(str(path))
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
 
+@contextmanager
+def _quiet_torchscript() -> Iterator[None]:
+    """TorchScript still works in torch 2.x; its deprecation warnings are noise to our users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit", category=FutureWarning)
+        yield
+
+
 def _export_torchscript(model: nn.Module, path: Path, size: int) -> None:
     example = torch.rand(2, 3, size, size)
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_torchscript():
         traced = torch.jit.freeze(torch.jit.trace(model, example).eval())
     traced.save(str(path))
 
@@ -202,7 +214,8 @@ def export_checkpoint(
         if "torchscript" in formats:
             path = staging / "encoder.pt"
             _export_torchscript(folded, path, size)
-            scripted = torch.jit.load(str(path))
+            with _quiet_torchscript():
+                scripted = torch.jit.load(str(path))
 
             def run_ts(x: np.ndarray) -> np.ndarray:
                 with torch.no_grad():

@@ -9,6 +9,7 @@ import typer
 
 from mocoserve.commands import demo as demo_commands
 from mocoserve.commands import export as export_commands
+from mocoserve.commands import gui as app_commands
 from mocoserve.commands import knn as knn_commands
 from mocoserve.commands import serve as serve_commands
 from mocoserve.commands import train as train_commands
@@ -24,6 +25,7 @@ app.add_typer(train_commands.app)
 app.add_typer(export_commands.app)
 app.add_typer(serve_commands.app)
 app.add_typer(knn_commands.app)
+app.add_typer(app_commands.app)
 app.add_typer(demo_commands.app)
 
 

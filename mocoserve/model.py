@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,7 +200,9 @@ def _load_torchscript(folder: Path, manifest: dict, file: Path, device: str) -> 
     if use_cuda and not torch.cuda.is_available():
         raise UserError("device cuda was asked for, but no CUDA GPU is available")
     dev = torch.device("cuda" if use_cuda else "cpu")
-    module = torch.jit.load(str(file), map_location=dev).eval()
+    with warnings.catch_warnings():  # TorchScript works; its deprecation notice is noise here
+        warnings.filterwarnings("ignore", message=r"`torch\.jit", category=FutureWarning)
+        module = torch.jit.load(str(file), map_location=dev).eval()
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():

@@ -259,6 +259,7 @@ def _markdown(f: dict[str, Any]) -> str:
     if "baseline" in f:
         lines += ["", "| network | top-1 % |", "| --- | ---: |"]
         lines += [f"| {name} | {v:.2f} |" for name, v in f["baseline"].items()]
+        lines.append(f"| this model | {f['top1']:.2f} |")
     lines += ["", "## Per class", "", "| class | images | top-1 % |", "| --- | ---: | ---: |"]
     lines += [f"| {p['class']} | {p['n']} | {p['top1']:.2f} |" for p in f["per_class"]]
     lines += ["", "## Most confused", ""]

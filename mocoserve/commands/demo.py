@@ -32,7 +32,7 @@ def demo(
     table.add_column("top-1 %", justify="right")
     table.add_row("ResNet-18, random weights", f"{result.random_top1:.1f}")
     table.add_row(f"ResNet-18, MoCo v2 ({epochs} epochs)", f"{result.trained_top1:.1f}")
-    console = Console()
+    console = Console(soft_wrap=True)
     console.print(table)
     console.print(f"images:      {result.train_dir}  {result.val_dir}")
     console.print(f"run:         {result.out / 'run'} (metrics.jsonl, tb/, config.yaml)")

@@ -1,0 +1,31 @@
+# mocoserve on NVIDIA GPUs: training (torchrun/DDP), export, embedding, search, k-NN reports.
+#   docker build -t mocoserve .
+#   docker run --gpus all --rm -v "$PWD:/work" -w /work mocoserve --help
+# Two stages: the build stage installs into a venv; the runtime stage copies only the venv.
+
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS build
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY mocoserve ./mocoserve
+COPY train ./train
+COPY export ./export
+RUN pip install --no-cache-dir torch torchvision
+RUN pip install --no-cache-dir '.[demo]'
+
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --create-home --uid 10001 mocoserve
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1
+USER mocoserve
+WORKDIR /home/mocoserve
+ENTRYPOINT ["mocoserve"]
+CMD ["--help"]

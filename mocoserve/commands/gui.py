@@ -1,0 +1,60 @@
+"""`mocoserve app`: the Gradio similar-image-search app (imports `app` and gradio lazily)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mocoserve.commands.options import DeviceOpt, ModelOpt, guarded
+from mocoserve.errors import UserError
+
+app = typer.Typer()
+
+
+@app.command("app")
+def app_command(
+    index: Annotated[Path, typer.Option("--index", "-i", help="Index made by embed.")],
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind (0.0.0.0: every one).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option("--port", help="Port.")] = 7860,
+    share: Annotated[
+        bool, typer.Option("--share/--no-share", help="A public gradio.live link.")
+    ] = False,
+    auth: Annotated[
+        str | None, typer.Option("--auth", help="user:password required to open the page.")
+    ] = None,
+    max_upload_mb: Annotated[
+        float, typer.Option("--max-upload-mb", help="Largest upload accepted.")
+    ] = 20,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", help="Searches run at once; the rest queue.", min=1)
+    ] = 2,
+    device: DeviceOpt = None,
+) -> None:
+    """Start the similar-image-search web app on an index."""
+
+    def work() -> None:
+        import mocoserve.index
+        from app.search import Searcher
+        from app.ui import build_app, launch_options
+
+        credentials = None
+        if auth is not None:
+            user, sep, password = auth.partition(":")
+            if not sep or not user or not password:
+                raise UserError("--auth must be user:password")
+            credentials = (user, password)
+        idx = mocoserve.index.open(index, model=model, device=device or "auto")
+        searcher = Searcher(idx, int(max_upload_mb * 2**20))
+        blocks = build_app(searcher)
+        blocks.queue(default_concurrency_limit=concurrency, max_size=256)
+        print(f"{len(idx):,} images from {index}; serving on http://{host}:{port}")
+        if host not in ("127.0.0.1", "localhost"):
+            print("note: the app is reachable from other machines (--host)")
+        blocks.launch(**launch_options(searcher, host, port, share, credentials))
+
+    guarded(work)
