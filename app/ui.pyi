@@ -23,11 +23,8 @@ class QueryImage(gr.Image):
 
     def preprocess(self, payload: Any) -> str | None:
         return None if payload is None else str(payload.path)
-    from collections.abc import Callable, Sequence
-    from typing import TYPE_CHECKING, Any, Literal
-
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
-
     if TYPE_CHECKING:
         from gradio.components import Timer
         from gradio.components.base import Component

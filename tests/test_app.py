@@ -138,7 +138,8 @@ def test_only_indexed_files_are_served(url, labelled_dir, model_dir):
 
 
 def test_fifty_concurrent_searches_all_succeed(url, labelled_dir):
-    client = Client(url, verbose=False)
+    # the server's latency: result images are not downloaded (a browser fetches them lazily)
+    client = Client(url, verbose=False, download_files=False)
     queries = files(labelled_dir)
 
     def one(i: int) -> float:
