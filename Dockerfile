@@ -14,6 +14,7 @@ COPY pyproject.toml README.md ./
 COPY mocoserve ./mocoserve
 COPY train ./train
 COPY export ./export
+COPY app ./app
 RUN pip install --no-cache-dir torch torchvision
 RUN pip install --no-cache-dir '.[demo]'
 

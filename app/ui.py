@@ -11,19 +11,16 @@ from app.search import MAX_K, Searcher, SearchError
 ANY_LABEL = "(any label)"
 
 
-class QueryImage(gr.Image):
+def query_image(**kwargs: Any) -> gr.Image:
     """gr.Image whose upload reaches `search` as the original file, not decoded by Gradio.
 
     mocoserve then decodes it exactly as `embed` decoded the index (EXIF, 16-bit, pixel
     limit), with no lossy re-save, and a bad file becomes a sentence instead of a 500.
+    (Set on the instance: a subclass would make Gradio write a .pyi stub beside this file.)
     """
-
-    @classmethod
-    def get_block_name(cls) -> str:
-        return "image"  # the same widget in the page
-
-    def preprocess(self, payload: Any) -> str | None:
-        return None if payload is None else str(payload.path)
+    image = gr.Image(type="filepath", **kwargs)
+    image.preprocess = lambda payload: None if payload is None else str(payload.path)
+    return image
 
 
 def build_app(searcher: Searcher, default_k: int = 12) -> gr.Blocks:
@@ -54,8 +51,7 @@ def build_app(searcher: Searcher, default_k: int = 12) -> gr.Blocks:
         gr.Markdown(searcher.header(), elem_id="facts")
         with gr.Row():
             with gr.Column(scale=1):
-                query = QueryImage(
-                    type="filepath",
+                query = query_image(
                     sources=["upload", "clipboard"],
                     label="Query image",
                     elem_id="query",

@@ -108,17 +108,11 @@ def embed_folders(
     files = scan(roots, labels_from_folders)
     abs_roots = [os.path.abspath(r) for r in roots]
     with index_mod.writer_lock(index_path):
-        idx = index_mod.open(
-            index_path,
-            model,
-            device,
-            backend,
-            create=True,
-            index_type=index_type,
-            flat_limit=flat_limit,
-        )
+        idx = index_mod.open(index_path, model, device, backend, create=True, flat_limit=flat_limit)
         try:
             encoder = idx.encoder  # loads and checks the model before any work
+            if index_type is not None:
+                idx.set_index_type(index_type, len(files))
             summary = EmbedSummary(provider=encoder.provider, repaired=idx.repaired)
             known = idx.sidecar.stats()
             labels = idx.sidecar.db.execute("SELECT path, label FROM items").fetchall()

@@ -330,6 +330,12 @@ class ImageIndex:
             self._searcher.refresh()
 
     # internals
+    def set_index_type(self, index_type: str, expected: int) -> None:
+        """Check that FAISS can build `index_type` for this model, then record it for save()."""
+        factory = vec.choose_factory(index_type, max(expected, 1), self.flat_limit)
+        vec.new_index(factory, self.encoder.embedding_dim)  # a UserError before any work
+        self.sidecar.set_meta({"index_type": index_type})
+
     def _check_model(self, fingerprint: str, dim: int) -> None:
         built_with = self.sidecar.get_meta("model_sha256")
         if built_with is not None and built_with != fingerprint:
@@ -421,7 +427,6 @@ def open(
     device: str = "auto",
     backend: str = "auto",
     create: bool = False,
-    index_type: str | None = None,
     flat_limit: int = vec.FLAT_LIMIT,
 ) -> ImageIndex:
     """Open an index (or start one: `create`); `model` defaults to the one it was built with."""
@@ -446,9 +451,4 @@ def open(
                 f"{path} was built with a different model than {model}; "
                 "embed into a new --index or use the model it was built with"
             )
-    if index_type is not None:
-        vec.choose_factory(index_type, 0)  # validated when built; stored now
-        previous = sidecar.get_meta("index_type")
-        if previous != index_type:
-            sidecar.set_meta({"index_type": index_type})
     return ImageIndex(path, sidecar, model_dir, device, backend, flat_limit)

@@ -259,6 +259,7 @@ def test_model_mismatch_and_bad_input_are_clear_errors(folder, tmp_path, model_d
         "Bogus12",
     )
     assert bad_type.exit_code == 2 and "FAISS factory" in bad_type.output
+    assert "embedded" not in bad_type.output  # refused before any embedding
     no_index = runner.invoke(app, ["search", str(tmp_path / "none.faiss"), str(folder)])
     assert no_index.exit_code == 2 and "not an index" in no_index.output
     not_image = tmp_path / "q.jpg"
