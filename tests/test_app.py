@@ -183,3 +183,15 @@ def test_page_in_a_real_browser(url, labelled_dir):
         finally:
             browser.close()
     assert (ARTIFACTS / "app-search.png").stat().st_size > 10_000
+
+
+def test_app_command_refuses_bad_arguments(tmp_path, indexed):
+    from typer.testing import CliRunner
+
+    from mocoserve.cli import app as cli
+
+    runner = CliRunner()
+    bad_auth = runner.invoke(cli, ["app", "--index", str(indexed), "--auth", "nopassword"])
+    assert bad_auth.exit_code == 2 and "user:password" in bad_auth.output
+    missing = runner.invoke(cli, ["app", "--index", str(tmp_path / "none.faiss")])
+    assert missing.exit_code == 2 and "not an index" in missing.output
