@@ -105,6 +105,13 @@ def embed_folders(
         raise UserError("give at least one image folder")
     started = time.perf_counter()
     index_path = Path(index_path)
+    if not index_path.parent.is_dir():
+        raise UserError(f"folder {index_path.parent} does not exist (for --index {index_path})")
+    if index_path.exists() and not index_mod.sidecar_path(index_path).is_file():
+        raise UserError(
+            f"{index_path} exists and is not an index made by embed (no "
+            f"{index_mod.sidecar_path(index_path).name}); choose another --index"
+        )
     files = scan(roots, labels_from_folders)
     abs_roots = [os.path.abspath(r) for r in roots]
     with index_mod.writer_lock(index_path):

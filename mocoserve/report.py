@@ -104,6 +104,8 @@ def run_knn(
         raise UserError("give --val (a labelled folder), or --loo to use --train alone")
     if train is None and train_index is None:
         raise UserError("give --train (a labelled folder) or --train-index (an index with labels)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the report")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 

@@ -260,6 +260,13 @@ def test_model_mismatch_and_bad_input_are_clear_errors(folder, tmp_path, model_d
     )
     assert bad_type.exit_code == 2 and "FAISS factory" in bad_type.output
     assert "embedded" not in bad_type.output  # refused before any embedding
+    precious = tmp_path / "photo.jpg"
+    precious.write_bytes(b"not to be overwritten")
+    clobber = embed(str(folder), "--index", str(precious), "--model", str(model_dir))
+    assert clobber.exit_code == 2 and "is not an index made by embed" in clobber.output
+    assert precious.read_bytes() == b"not to be overwritten"
+    nowhere = embed(str(folder), "--index", str(tmp_path / "no" / "o.faiss"), "--model", "x")
+    assert nowhere.exit_code == 2 and "does not exist" in nowhere.output
     no_index = runner.invoke(app, ["search", str(tmp_path / "none.faiss"), str(folder)])
     assert no_index.exit_code == 2 and "not an index" in no_index.output
     not_image = tmp_path / "q.jpg"

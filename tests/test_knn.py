@@ -180,6 +180,9 @@ def test_knn_errors_are_clear(tmp_path, labelled_dir, model_dir):
     base = ["knn", "--model", str(model_dir), "--train", str(labelled_dir)]
     missing = runner.invoke(app, [*base, "--val", str(val), "--out", str(tmp_path / "o")])
     assert missing.exit_code == 2 and "missing from the train set: class_3" in missing.output
+    (tmp_path / "a-file").write_text("keep")
+    to_file = runner.invoke(app, [*base, "--loo", "--out", str(tmp_path / "a-file")])
+    assert to_file.exit_code == 2 and "is a file" in to_file.output
     neither = runner.invoke(app, [*base, "--out", str(tmp_path / "o")])
     assert neither.exit_code == 2 and "--loo" in neither.output
     preset = runner.invoke(app, [*base, "--loo", "--preset", "imagenet"])

@@ -51,6 +51,11 @@ def guarded(fn: Callable[[], T]) -> T:
         if _is_main_process():
             print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(e.exit_code) from None
+    except OSError as e:  # permissions, a full disk: a sentence, not a traceback
+        if _is_main_process():
+            where = f": {e.filename}" if e.filename else ""
+            print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        raise typer.Exit(1) from None
     except FloatingPointError as e:
         if _is_main_process():
             print(f"error: {e}", file=sys.stderr)
