@@ -9,6 +9,9 @@ import hashlib
 import io
 import multiprocessing
 import os
+import signal
+import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -63,6 +66,23 @@ def _decode_chunk(paths: Sequence[str], resize: int, crop: int) -> list[Decoded]
     return [decode_file(p, resize, crop) for p in paths]
 
 
+def _worker_init() -> None:
+    """Ctrl-C is the main process's to handle; a worker whose parent died exits.
+
+    Each worker holds both ends of its task queue's pipe, so it would wait forever for
+    work from a parent killed with SIGKILL (pre-emption, the OOM killer).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def default_workers() -> int:
     """Decoder processes: one core is left to the model, at most 8."""
     return max(1, min(8, (os.cpu_count() or 1) - 1))
@@ -77,7 +97,7 @@ def decode_files(
             yield decode_file(path, resize, crop)
         return
     context = multiprocessing.get_context("spawn")  # no fork of a threaded ORT process
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
         yield from _ordered(pool, paths, resize, crop, chunk, window=4 * workers)
 
 

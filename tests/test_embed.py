@@ -202,14 +202,15 @@ def test_crash_between_sidecar_and_index_write_is_repaired(folder, tmp_path, mod
     assert_agree(index)
 
 
-def test_killed_run_resumes_to_the_same_index(tmp_path, model_dir):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
+def test_killed_run_resumes_to_the_same_index(tmp_path, model_dir, sig):
     folder = make_labelled(tmp_path / "many", classes=4, per_class=150, size=64)
     clean = tmp_path / "clean.faiss"
     assert embed(str(folder), "--index", str(clean), "--model", str(model_dir)).exit_code == 0
     killed = tmp_path / "killed.faiss"
     cmd = [sys.executable, "-m", "mocoserve", "embed", str(folder), "--index", str(killed)]
     cmd += ["--model", str(model_dir), "--batch-size", "4", "--workers", "1", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     done = 0
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -222,9 +223,12 @@ def test_killed_run_resumes_to_the_same_index(tmp_path, model_dir):
             if done >= 40:
                 break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert 40 <= done < 600, "the run should be killed part way"
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert 40 <= done < 600, "the run should be stopped part way"
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "run the same command again" in stderr
+        assert "Traceback" not in stderr
     assert not killed.exists()  # never got to write the index
     result = embed(str(folder), "--index", str(killed))
     assert result.exit_code == 0, result.output

@@ -105,6 +105,14 @@ def embed(
                 on_start=on_start,
                 on_progress=on_progress,
             )
+        except KeyboardInterrupt:
+            progress.stop()
+            print(
+                f"interrupted: what was embedded is kept in {index}.db; "
+                "run the same command again to finish",
+                file=sys.stderr,
+            )
+            return 130
         finally:
             progress.stop()
         out = Console()
