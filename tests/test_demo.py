@@ -32,4 +32,4 @@ def test_demo_command_runs_and_reports_both_accuracies(tmp_path):
     assert (tmp_path / "model" / "manifest.json").is_file()
     assert (tmp_path / "digits.faiss").is_file() and (tmp_path / "digits.faiss.db").is_file()
     assert "ResNet-18, random weights" in (tmp_path / "report" / "report.md").read_text()
-    assert "mocoserve search" in result.output
+    assert "mocoserve search" in result.output and "mocoserve app --index" in result.output

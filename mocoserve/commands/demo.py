@@ -43,6 +43,7 @@ def demo(
         f"report:      {result.report}/report.md (random weights: {result.random_report})"
     )
     console.print(f"search:      mocoserve search {result.index} {result.val_dir}/3/*.png -k 5")
+    console.print(f"app:         mocoserve app --index {result.index}  (http://127.0.0.1:7860)")
     console.print(f"took {result.minutes:.1f} min")
     if result.trained_top1 <= result.random_top1:
         console.print("[yellow]training did not beat random weights; try more --epochs[/yellow]")
