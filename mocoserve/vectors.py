@@ -123,7 +123,7 @@ def build(
                 "use --index-type flat or a smaller nlist"
             )
         # FAISS wants 39+ points per centroid; 64 per list keeps k-means quick at 1M+.
-        index.train(train_sample(min(n, max(needed * 64, 10_000))))
+        train(index, train_sample(min(n, max(needed * 64, 10_000))))
     for ids, vectors in blocks():
         index.add_with_ids(vectors, ids)
     built = Built(index, factory)
@@ -131,6 +131,32 @@ def build(
         built.nprobe, built.recall_at_10 = tune_nprobe(index, blocks, n, tune_queries, seed)
     set_search_params(index, built.nprobe)
     return built
+
+
+def train(index: faiss.IndexIDMap2, sample: np.ndarray, gpu: bool | None = None) -> None:
+    """Train an index on a sample; an IVF-Flat's coarse quantizer by k-means on the GPU if any.
+
+    IVF-Flat's training is exactly k-means of the sample into nlist centroids, so it runs
+    through `faiss.Kmeans` (GPU when FAISS has one, falling back to the CPU); other
+    factories use their own `train` on the CPU.
+    """
+    inner = faiss.downcast_index(index.index)
+    if not isinstance(inner, faiss.IndexIVFFlat) or inner.metric_type != METRIC:
+        index.train(sample)
+        return
+    gpu = faiss.get_num_gpus() > 0 if gpu is None else gpu
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    try:
+        kmeans = faiss.Kmeans(inner.d, inner.nlist, niter=20, seed=1234, gpu=gpu)
+        kmeans.train(sample)
+    except (RuntimeError, AttributeError):
+        if not gpu:
+            raise
+        kmeans = faiss.Kmeans(inner.d, inner.nlist, niter=20, seed=1234, gpu=False)
+        kmeans.train(sample)
+    inner.quantizer.add(kmeans.centroids)
+    inner.is_trained = True
+    index.is_trained = True
 
 
 def exact_knn(queries: np.ndarray, blocks: Blocks, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -125,3 +125,22 @@ def test_searcher_on_cpu_maps_ids_and_caps_k():
     if faiss.get_num_gpus() == 0:
         with pytest.raises(UserError, match="cuda"):
             vec.Searcher(index, None, "cuda")
+
+
+def test_ivf_is_trained_by_kmeans_into_its_quantizer():
+    n = 5000
+    x = clustered(n)
+    index = vec.new_index("IVF64,Flat", 32)
+    vec.train(index, x[:3000], gpu=False)
+    assert index.is_trained and vec.base_ivf(index).quantizer.ntotal == 64
+    ids = np.arange(n, dtype=np.int64)
+    index.add_with_ids(x, ids)
+    vec.set_search_params(index, 8)
+    _, found = index.search(x[:200], 1)
+    assert np.array_equal(found[:, 0], ids[:200])
+    _, truth = vec.exact_knn(x[:200], blocks_of(ids, x), 10)
+    _, top = index.search(x[:200], 10)
+    assert vec.recall_at(top, truth) >= 0.9
+    hnsw = vec.new_index("HNSW16,Flat", 32)
+    vec.train(hnsw, x[:100], gpu=False)  # other types: their own train()
+    assert hnsw.is_trained
