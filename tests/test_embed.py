@@ -209,7 +209,8 @@ def test_killed_run_resumes_to_the_same_index(tmp_path, model_dir, sig):
     assert embed(str(folder), "--index", str(clean), "--model", str(model_dir)).exit_code == 0
     killed = tmp_path / "killed.faiss"
     cmd = [sys.executable, "-m", "mocoserve", "embed", str(folder), "--index", str(killed)]
-    cmd += ["--model", str(model_dir), "--batch-size", "4", "--workers", "1", "--quiet"]
+    # batches of one: about 4 s of work, so the signal lands mid-run even on a busy machine
+    cmd += ["--model", str(model_dir), "--batch-size", "1", "--workers", "1", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     done = 0
     deadline = time.time() + 120
