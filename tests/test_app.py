@@ -29,6 +29,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def client_temp_dir(tmp_path_factory):
+    """gradio_client makes a temp folder per file it handles; keep them out of /tmp."""
+    import tempfile
+
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("gradio-client"))
+    yield
+    tempfile.tempdir = previous
+
+
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory, labelled_dir, model_dir) -> Path:
     index = tmp_path_factory.mktemp("app") / "out.faiss"
@@ -98,8 +109,8 @@ def test_indexed_roots_are_the_fewest_folders():
     assert indexed_roots(paths) == ["/a/b", "/a/bc", "/x"]
 
 
-def test_api_search_through_gradio_client(url, labelled_dir):
-    client = Client(url, verbose=False)
+def test_api_search_through_gradio_client(url, labelled_dir, tmp_path):
+    client = Client(url, verbose=False, download_files=str(tmp_path))
     query = files(labelled_dir)[5]
     gallery, results, status = client.predict(
         handle_file(str(query)), 4, ANY_LABEL, api_name="/search"
@@ -112,7 +123,7 @@ def test_api_search_through_gradio_client(url, labelled_dir):
 
 
 def test_api_errors_are_messages_not_tracebacks(url, tmp_path):
-    client = Client(url, verbose=False)
+    client = Client(url, verbose=False, download_files=False)
     text = tmp_path / "fake.png"
     text.write_text("hello")
     with pytest.raises(Exception) as error:
