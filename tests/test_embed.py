@@ -202,6 +202,31 @@ def test_crash_between_sidecar_and_index_write_is_repaired(folder, tmp_path, mod
     assert_agree(index)
 
 
+def signal_part_way(proc: subprocess.Popen, db: Path, sig: int, at_least: int) -> int:
+    """Send `sig` once the sidecar holds `at_least` items; how many it held then.
+
+    The process is frozen (SIGSTOP) while the sidecar is read and the signal sent, so it
+    cannot finish in between however busy the machine is.
+    """
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        if not db.exists():
+            continue
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            with sqlite3.connect(db, timeout=1) as conn:
+                done = conn.execute("SELECT count(*) FROM items").fetchone()[0]
+        except sqlite3.OperationalError:
+            done = 0
+        if done >= at_least:
+            proc.send_signal(sig)
+        os.kill(proc.pid, signal.SIGCONT)
+        if done >= at_least:
+            return done
+    return 0
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
 def test_killed_run_resumes_to_the_same_index(tmp_path, model_dir, sig):
     folder = make_labelled(tmp_path / "many", classes=4, per_class=150, size=64)
@@ -209,26 +234,14 @@ def test_killed_run_resumes_to_the_same_index(tmp_path, model_dir, sig):
     assert embed(str(folder), "--index", str(clean), "--model", str(model_dir)).exit_code == 0
     killed = tmp_path / "killed.faiss"
     cmd = [sys.executable, "-m", "mocoserve", "embed", str(folder), "--index", str(killed)]
-    # batches of one: about 4 s of work, so the signal lands mid-run even on a busy machine
+    # batches of one: a few seconds of work, committed item by item
     cmd += ["--model", str(model_dir), "--batch-size", "1", "--workers", "1", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    done = 0
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if Path(f"{killed}.db").exists():
-            try:
-                with sqlite3.connect(f"{killed}.db", timeout=1) as db:
-                    done = db.execute("SELECT count(*) FROM items").fetchone()[0]
-            except sqlite3.OperationalError:
-                done = 0
-            if done >= 40:
-                break
-        time.sleep(0.05)
-    proc.send_signal(sig)
+    done = signal_part_way(proc, Path(f"{killed}.db"), sig, at_least=40)
     _, stderr = proc.communicate(timeout=60)
     assert 40 <= done < 600, "the run should be stopped part way"
     if sig == signal.SIGINT:
-        assert proc.returncode == 130 and "run the same command again" in stderr
+        assert proc.returncode == 130 and "run the same command again" in stderr, stderr
         assert "Traceback" not in stderr
     assert not killed.exists()  # never got to write the index
     result = embed(str(folder), "--index", str(killed))
