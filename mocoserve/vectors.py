@@ -137,8 +137,9 @@ def train(index: faiss.IndexIDMap2, sample: np.ndarray, gpu: bool | None = None)
     """Train an index on a sample; an IVF-Flat's coarse quantizer by k-means on the GPU if any.
 
     IVF-Flat's training is exactly k-means of the sample into nlist centroids, so it runs
-    through `faiss.Kmeans` (GPU when FAISS has one, falling back to the CPU); other
-    factories use their own `train` on the CPU.
+    through `faiss.Kmeans` (GPU when FAISS has one, falling back to the CPU) with the
+    index's own clustering parameters (spherical for inner product, its niter and seed),
+    the same centroids `index.train` would find; other factories use their own `train`.
     """
     inner = faiss.downcast_index(index.index)
     if not isinstance(inner, faiss.IndexIVFFlat) or inner.metric_type != METRIC:
@@ -146,13 +147,21 @@ def train(index: faiss.IndexIDMap2, sample: np.ndarray, gpu: bool | None = None)
         return
     gpu = faiss.get_num_gpus() > 0 if gpu is None else gpu
     sample = np.ascontiguousarray(sample, dtype=np.float32)
+    cp = inner.cp
+    params = {
+        "niter": cp.niter,
+        "seed": cp.seed,
+        "spherical": True,  # IndexIVF does so for inner product: unit centroids
+        "max_points_per_centroid": cp.max_points_per_centroid,
+        "min_points_per_centroid": cp.min_points_per_centroid,
+    }
     try:
-        kmeans = faiss.Kmeans(inner.d, inner.nlist, niter=20, seed=1234, gpu=gpu)
+        kmeans = faiss.Kmeans(inner.d, inner.nlist, gpu=gpu, **params)
         kmeans.train(sample)
     except (RuntimeError, AttributeError):
         if not gpu:
             raise
-        kmeans = faiss.Kmeans(inner.d, inner.nlist, niter=20, seed=1234, gpu=False)
+        kmeans = faiss.Kmeans(inner.d, inner.nlist, gpu=False, **params)
         kmeans.train(sample)
     inner.quantizer.add(kmeans.centroids)
     inner.is_trained = True

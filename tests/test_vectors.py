@@ -141,6 +141,13 @@ def test_ivf_is_trained_by_kmeans_into_its_quantizer():
     _, truth = vec.exact_knn(x[:200], blocks_of(ids, x), 10)
     _, top = index.search(x[:200], 10)
     assert vec.recall_at(top, truth) >= 0.9
+    # the same unit centroids as FAISS's own IVF training (spherical k-means for inner product)
+    centroids = vec.base_ivf(index).quantizer.reconstruct_n(0, 64)
+    assert np.allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-4)
+    own = vec.new_index("IVF64,Flat", 32)
+    own.train(x[:3000])
+    theirs = vec.base_ivf(own).quantizer.reconstruct_n(0, 64)
+    assert np.allclose(np.sort(centroids @ theirs.T, axis=1)[:, -1], 1.0, atol=1e-3)
     hnsw = vec.new_index("HNSW16,Flat", 32)
     vec.train(hnsw, x[:100], gpu=False)  # other types: their own train()
     assert hnsw.is_trained
