@@ -64,8 +64,7 @@ class Searcher:
         self.max_upload_bytes = max_upload_bytes
         self._lock = threading.Lock()  # one SQLite connection and one FAISS index
         with self._lock:
-            rows = index.sidecar.db.execute("SELECT path FROM items").fetchall()
-        self.paths = [r[0] for r in rows]
+            self.paths = index.sidecar.paths()
         self.roots = indexed_roots(self.paths)
         self.labels = index.sidecar.labels()
         info = index.info()

@@ -122,8 +122,6 @@ def embed_folders(
                 idx.set_index_type(index_type, len(files))
             summary = EmbedSummary(provider=encoder.provider, repaired=idx.repaired)
             known = idx.sidecar.stats()
-            labels = idx.sidecar.db.execute("SELECT path, label FROM items").fetchall()
-            stored_label = dict(labels)
             present = {f.path for f in files}
             gone = [p for p in known if p not in present and _under(p, abs_roots)]
             gone_failures = [
@@ -135,13 +133,12 @@ def embed_folders(
                 row = known.get(f.path)
                 if row is not None and (row[1], row[2]) == (f.bytes, f.mtime):
                     summary.skipped += 1
-                    if stored_label.get(f.path) != f.label:
+                    if row[3] != f.label:
                         relabel.append((f.label, f.path))
                 else:
                     todo.append(f)
             if relabel:
-                with idx.sidecar.db:
-                    idx.sidecar.db.executemany("UPDATE items SET label = ? WHERE path = ?", relabel)
+                idx.sidecar.set_labels(relabel)
                 summary.relabelled = len(relabel)
             if on_start is not None:
                 on_start(len(todo), encoder.provider)

@@ -191,8 +191,7 @@ class ImageIndex:
         ]
 
     def _search_label(self, queries: np.ndarray, k: int, label: str):
-        rows = self.sidecar.db.execute("SELECT id FROM items WHERE label = ?", (label,))
-        allowed = np.fromiter((r[0] for r in rows), dtype=np.int64)
+        allowed = self.sidecar.ids_with_label(label)
         if len(allowed) == 0:
             empty = np.full((len(queries), k), -1, dtype=np.int64)
             return np.zeros((len(queries), k), dtype=np.float32), empty

@@ -32,20 +32,19 @@ class LabelledSet:
     vectors: np.ndarray
     failed: int = 0
     unlabelled: int = 0
+    model_path: str | None = None  # the model package the index was built with
 
 
 def read_labelled(index_path: Path, paths_under: Path | None = None) -> LabelledSet:
     """Every labelled item of an index (optionally only those under a folder)."""
     if not sidecar_path(index_path).is_file():
         raise UserError(f"{index_path} is not an index (no {sidecar_path(index_path).name})")
-    sidecar = Sidecar(sidecar_path(index_path))
+    sidecar = Sidecar(sidecar_path(index_path), readonly=True)
     try:
         dim = int(sidecar.get_meta("dim") or 0)
+        model_path = sidecar.get_meta("model_path")
         prefix = str(paths_under.resolve()) + "/" if paths_under else ""
-        rows = sidecar.db.execute(
-            "SELECT path, label, vector FROM items WHERE path LIKE ? ESCAPE '\\' ORDER BY path",
-            (_like_prefix(prefix),),
-        ).fetchall()
+        rows = sidecar.rows_under(prefix)
         failed = sum(1 for p, _ in sidecar.failures() if p.startswith(prefix))
     finally:
         sidecar.close()
@@ -57,11 +56,8 @@ def read_labelled(index_path: Path, paths_under: Path | None = None) -> Labelled
         vectors.reshape(len(labelled), dim),
         failed,
         len(rows) - len(labelled),
+        model_path,
     )
-
-
-def _like_prefix(prefix: str) -> str:
-    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 @dataclass
@@ -110,10 +106,9 @@ def run_knn(
     started = time.perf_counter()
 
     if train_index is not None:
-        if model is None:
-            stored = Sidecar(sidecar_path(train_index)).get_meta("model_path")
-            model = Path(stored) if stored else None
         train_set = read_labelled(train_index)
+        if model is None and train_set.model_path:
+            model = Path(train_set.model_path)
         if not train_set.labels:
             raise UserError(f"{train_index} has no labels; build it with --labels-from-folders")
     if model is None or not (Path(model) / "manifest.json").is_file():

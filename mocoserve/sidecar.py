@@ -113,10 +113,32 @@ class Sidecar:
     def __len__(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM items").fetchone()[0])
 
-    def stats(self) -> dict[str, tuple[int, int, int]]:
-        """path -> (id, bytes, mtime) for every item: what a rerun compares files against."""
-        rows = self.db.execute("SELECT path, id, bytes, mtime FROM items")
-        return {p: (i, b, m) for p, i, b, m in rows}
+    def stats(self) -> dict[str, tuple[int, int, int, str | None]]:
+        """path -> (id, bytes, mtime, label) for every item: what a rerun compares against."""
+        rows = self.db.execute("SELECT path, id, bytes, mtime, label FROM items")
+        return {p: (i, b, m, label) for p, i, b, m, label in rows}
+
+    def paths(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT path FROM items ORDER BY id")]
+
+    def ids_with_label(self, label: str) -> np.ndarray:
+        rows = self.db.execute("SELECT id FROM items WHERE label = ? ORDER BY id", (label,))
+        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
+    def set_labels(self, labels: Iterable[tuple[str | None, str]]) -> None:
+        """Relabel items in one transaction: (label, path) pairs."""
+        with self.db:
+            self.db.executemany("UPDATE items SET label = ? WHERE path = ?", labels)
+
+    def rows_under(self, prefix: str) -> list[tuple[str, str | None, bytes]]:
+        """(path, label, vector bytes) of the items whose path starts with `prefix`, by path.
+
+        A plain prefix comparison: LIKE would also match other letter cases.
+        """
+        return self.db.execute(
+            "SELECT path, label, vector FROM items WHERE substr(path, 1, ?) = ? ORDER BY path",
+            (len(prefix), prefix),
+        ).fetchall()
 
     def ids(self) -> np.ndarray:
         rows = self.db.execute("SELECT id FROM items ORDER BY id").fetchall()
@@ -134,16 +156,6 @@ class Sidecar:
             ):
                 out[row[0]] = Item(*row)
         return out
-
-    def find(self, path: str | None = None, sha256: str | None = None) -> list[Item]:
-        """Items with this path, or with this content hash."""
-        if path is not None:
-            rows = self.db.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE path = ?", (path,))
-        else:
-            rows = self.db.execute(
-                f"SELECT {_ITEM_COLUMNS} FROM items WHERE sha256 = ? ORDER BY id", (sha256,)
-            )
-        return [Item(*r) for r in rows]
 
     def labels(self) -> list[str]:
         rows = self.db.execute("SELECT DISTINCT label FROM items WHERE label IS NOT NULL")

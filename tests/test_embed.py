@@ -21,6 +21,7 @@ from mocoserve.decode import decode_file
 from mocoserve.embed import embed_folders
 from mocoserve.errors import UserError
 from mocoserve.model import resize_crop
+from mocoserve.sidecar import NewItem, Sidecar
 from tests.imagegen import class_image, exif_upright, make_awkward_files, make_labelled
 
 runner = CliRunner()
@@ -327,3 +328,16 @@ def test_serving_path_imports_no_training_code(tmp_path):
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_sidecar_rows_under_is_a_case_sensitive_prefix(tmp_path):
+    sidecar = Sidecar(tmp_path / "x.faiss.db")
+    sidecar.set_meta({"dim": "2"})
+    paths = ["/d/Val/a.png", "/d/val/b.png", "/d/val_x/c.png", "/d/val%/d.png"]
+    vector = np.array([1.0, 0.0], dtype=np.float32)
+    sidecar.commit_batch([NewItem(p, "c", "0" * 64, 1, 1, 1, 1, vector) for p in paths], [])
+    assert [r[0] for r in sidecar.rows_under("/d/val/")] == ["/d/val/b.png"]
+    assert [r[0] for r in sidecar.rows_under("/d/val%/")] == ["/d/val%/d.png"]
+    assert len(sidecar.rows_under("")) == 4
+    assert np.array_equal(np.frombuffer(sidecar.rows_under("/d/Val/")[0][2], np.float32), vector)
+    sidecar.close()

@@ -206,3 +206,7 @@ def test_knn_errors_are_clear(tmp_path, labelled_dir, model_dir):
     )
     assert unlabelled.exit_code == 2 and "no labelled images" in unlabelled.output
     assert "Traceback" not in unlabelled.output
+    nowhere = tmp_path / "nowhere.faiss"
+    gone = runner.invoke(app, ["knn", "--train-index", str(nowhere), "--loo"])
+    assert gone.exit_code == 2 and "is not an index" in gone.output
+    assert not list(tmp_path.glob("nowhere*"))  # nothing created beside it
