@@ -63,8 +63,7 @@ class Searcher:
         self.index = index
         self.max_upload_bytes = max_upload_bytes
         self._lock = threading.Lock()  # one SQLite connection and one FAISS index
-        with self._lock:
-            self.paths = index.sidecar.paths()
+        self.paths = index.sidecar.paths()
         self.roots = indexed_roots(self.paths)
         self.labels = index.sidecar.labels()
         info = index.info()

@@ -43,20 +43,7 @@ def images_per_s(fn: Callable[[], object], batch: int, seconds: float, sync: Cal
 def make_package(arch: str, root: Path) -> tuple[Path, Path]:
     cfg = build_config("moco-v2", overrides={"model.arch": arch, "method.queue_size": 8})
     ckpt = root / f"{arch}.pt"
-    checkpoint.save_atomic(
-        {
-            "format": checkpoint.FORMAT,
-            "version": checkpoint.VERSION,
-            "method": "moco-v2",
-            "arch": arch,
-            "config": cfg.to_dict(),
-            "model": build_method(cfg).state_dict(),
-            "epoch": 0,
-            "epoch_step": 0,
-            "step": 0,
-        },
-        ckpt,
-    )
+    checkpoint.save_atomic(checkpoint.model_state("moco-v2", cfg, build_method(cfg)), ckpt)
     return ckpt, export_checkpoint(ckpt, root / arch, fp16=torch.cuda.is_available()).out
 
 

@@ -13,9 +13,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +24,7 @@ from torch import nn
 
 from mocoserve import __version__
 from mocoserve.errors import UserError
-from mocoserve.model import sha256_file
+from mocoserve.model import quiet_torchscript, sha256_file
 from train import checkpoint
 from train.config import TrainConfig
 from train.models import Encoder
@@ -133,17 +130,9 @@ def _export_onnx(model: nn.Module, path: Path, size: int, opset: int) -> None:
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
 
-@contextmanager
-def _quiet_torchscript() -> Iterator[None]:
-    """TorchScript still works in torch 2.x; its deprecation warnings are noise to our users."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit", category=FutureWarning)
-        yield
-
-
 def _export_torchscript(model: nn.Module, path: Path, size: int) -> None:
     example = torch.rand(2, 3, size, size)
-    with torch.no_grad(), _quiet_torchscript():
+    with torch.no_grad(), quiet_torchscript():
         traced = torch.jit.freeze(torch.jit.trace(model, example).eval())
     traced.save(str(path))
 
@@ -214,7 +203,7 @@ def export_checkpoint(
         if "torchscript" in formats:
             path = staging / "encoder.pt"
             _export_torchscript(folded, path, size)
-            with _quiet_torchscript():
+            with quiet_torchscript():
                 scripted = torch.jit.load(str(path))
 
             def run_ts(x: np.ndarray) -> np.ndarray:

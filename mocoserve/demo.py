@@ -97,20 +97,7 @@ def run_demo(out: Path, epochs: int, seed: int = 0, workers: int = 2) -> DemoRes
     cfg = build_config("moco-v2", overrides=overrides)
     torch.manual_seed(seed)  # the same initial weights fit() starts from
     random_ckpt = out / "random-weights.pt"
-    checkpoint.save_atomic(
-        {
-            "format": checkpoint.FORMAT,
-            "version": checkpoint.VERSION,
-            "method": "moco-v2",
-            "arch": cfg.model.arch,
-            "config": cfg.to_dict(),
-            "model": build_method(cfg).state_dict(),
-            "epoch": 0,
-            "epoch_step": 0,
-            "step": 0,
-        },
-        random_ckpt,
-    )
+    checkpoint.save_atomic(checkpoint.model_state("moco-v2", cfg, build_method(cfg)), random_ckpt)
     result = fit(cfg)
     if result.checkpoint is None:
         raise UserError("training stopped before writing a checkpoint")

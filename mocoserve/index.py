@@ -206,29 +206,35 @@ class ImageIndex:
 
     def embed_images(self, images: Sequence[str | Path | Image.Image]) -> np.ndarray:
         """Embed query images (paths or PIL images); a bad file is a UserError."""
+        return self._embed_queries(images)[0]
+
+    def _embed_queries(
+        self, images: Sequence[str | Path | Image.Image]
+    ) -> tuple[np.ndarray, list[str | None]]:
+        """Vectors and, for files, their sha256 (hashed as they are read)."""
         encoder = self.encoder
-        batch = []
+        batch, hashes = [], []
         for image in images:
             if isinstance(image, Image.Image):
                 batch.append(np.asarray(resize_crop(image, encoder.resize, encoder.input_size)))
+                hashes.append(None)
                 continue
             decoded = decode_file(str(image), encoder.resize, encoder.input_size)
             if decoded.error:
                 raise UserError(f"{image}: {decoded.error}")
             batch.append(decoded.pixels)
-        return encoder.embed(to_input(np.stack(batch)))
+            hashes.append(decoded.sha256)
+        return encoder.embed(to_input(np.stack(batch))), hashes
 
     def search_images(
         self, images: Sequence[str | Path | Image.Image], k: int = 10, label: str | None = None
     ) -> list[list[Hit]]:
         """Nearest items to each query image; a hit on the query's own file is flagged."""
-        results = self.search_vectors(self.embed_images(images), k, label)
+        vectors, hashes = self._embed_queries(images)
+        results = self.search_vectors(vectors, k, label)
         flagged = []
-        for image, hits in zip(images, results, strict=True):
-            own_path = own_sha = None
-            if not isinstance(image, Image.Image):
-                own_path = os.path.abspath(image)
-                own_sha = sha256_file(image)
+        for image, own_sha, hits in zip(images, hashes, results, strict=True):
+            own_path = None if isinstance(image, Image.Image) else os.path.abspath(image)
             flagged.append(
                 [
                     Hit(**{**h.to_dict(), "is_query": h.path == own_path or h.sha256 == own_sha})

@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,14 @@ class PackageEncoder:
         return np.asarray(self._run(batch), dtype=np.float32)
 
 
+@contextmanager
+def quiet_torchscript() -> Iterator[None]:
+    """TorchScript still works in torch 2.x; its deprecation warnings are noise to our users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit", category=FutureWarning)
+        yield
+
+
 def resize_crop(image: Image.Image, resize: int, crop: int) -> Image.Image:
     """Resize the shorter side to `resize` and centre-crop `crop` pixels, as torchvision does."""
     image = image.convert("RGB") if image.mode != "RGB" else image
@@ -200,8 +210,7 @@ def _load_torchscript(folder: Path, manifest: dict, file: Path, device: str) -> 
     if use_cuda and not torch.cuda.is_available():
         raise UserError("device cuda was asked for, but no CUDA GPU is available")
     dev = torch.device("cuda" if use_cuda else "cpu")
-    with warnings.catch_warnings():  # TorchScript works; its deprecation notice is noise here
-        warnings.filterwarnings("ignore", message=r"`torch\.jit", category=FutureWarning)
+    with quiet_torchscript():
         module = torch.jit.load(str(file), map_location=dev).eval()
 
     def run(x: np.ndarray) -> np.ndarray:

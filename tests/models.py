@@ -30,18 +30,7 @@ def make_checkpoint(path: Path, method: str = "moco-v2", arch: str = "resnet18",
     with torch.no_grad():
         method_module.query_encoder(torch.rand(8, 3, 32, 32))
     checkpoint.save_atomic(
-        {
-            "format": checkpoint.FORMAT,
-            "version": checkpoint.VERSION,
-            "method": method,
-            "arch": arch,
-            "config": cfg.to_dict(),
-            "model": method_module.state_dict(),
-            "epoch": 1,
-            "epoch_step": 0,
-            "step": 3,
-        },
-        path,
+        checkpoint.model_state(method, cfg, method_module, epoch=1, step=3), path
     )
     return path
 

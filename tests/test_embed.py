@@ -127,6 +127,11 @@ def test_search_cli_table_and_json(folder, tmp_path, model_dir):
     class_image(1, 99).save(tmp_path / "outside.png")
     outside = runner.invoke(app, ["search", str(index), str(tmp_path / "outside.png"), "--json"])
     assert json.loads(outside.stdout)[0]["in_index"] is False
+    # a copy of an indexed file elsewhere is the same bytes: flagged
+    shutil.copy(query, tmp_path / "copy.jpg")
+    copy = runner.invoke(app, ["search", str(index), str(tmp_path / "copy.jpg"), "--json"])
+    hits = json.loads(copy.stdout)[0]["results"]
+    assert hits[0]["path"] == str(query) and hits[0]["is_query"]
 
 
 def test_rerun_skips_and_follows_adds_changes_and_deletes(folder, tmp_path, model_dir):

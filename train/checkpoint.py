@@ -48,6 +48,31 @@ def _listify(obj: Any) -> Any:
     return obj
 
 
+def model_state(
+    method: str,
+    cfg: Any,
+    module: torch.nn.Module,
+    epoch: int = 0,
+    epoch_step: int = 0,
+    step: int = 0,
+) -> dict[str, Any]:
+    """What every checkpoint holds: format, method, arch, config, weights and position.
+
+    Enough for export; the training loop adds optimizer, scaler, scheduler, rng and metrics.
+    """
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "method": method,
+        "arch": cfg.model.arch,
+        "config": cfg.to_dict(),
+        "model": module.state_dict(),
+        "epoch": epoch,
+        "epoch_step": epoch_step,
+        "step": step,
+    }
+
+
 def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
     """torch.save to a temp file in the same folder, fsync, rename: never a half-written file."""
     path = Path(path)

@@ -438,19 +438,11 @@ def _fit(
         if not main:
             return None
         state = {
-            "format": checkpoint.FORMAT,
-            "version": checkpoint.VERSION,
-            "method": method_name,
-            "arch": cfg.model.arch,
-            "config": cfg.to_dict(),
+            **checkpoint.model_state(method_name, cfg, method, epoch, in_epoch, step),
             "classes": train_index.classes,
-            "model": method.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "epoch_step": in_epoch,
-            "step": step,
             "rng": checkpoint.rng_state(),
             "metrics": metrics,
         }

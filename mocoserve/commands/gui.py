@@ -20,7 +20,7 @@ def app_command(
     host: Annotated[str, typer.Option("--host", help="Address to bind (0.0.0.0: every one).")] = (
         "127.0.0.1"
     ),
-    port: Annotated[int, typer.Option("--port", help="Port.")] = 7860,
+    port: Annotated[int, typer.Option("--port", help="Port.", min=1, max=65535)] = 7860,
     share: Annotated[
         bool, typer.Option("--share/--no-share", help="A public gradio.live link.")
     ] = False,
@@ -28,7 +28,7 @@ def app_command(
         str | None, typer.Option("--auth", help="user:password required to open the page.")
     ] = None,
     max_upload_mb: Annotated[
-        float, typer.Option("--max-upload-mb", help="Largest upload accepted.")
+        float, typer.Option("--max-upload-mb", help="Largest upload accepted.", min=0.01)
     ] = 20,
     concurrency: Annotated[
         int, typer.Option("--concurrency", help="Searches run at once; the rest queue.", min=1)
