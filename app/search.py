@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from mocoserve.errors import UserError
+from mocoserve.core.errors import UserError
 from mocoserve.index import ImageIndex
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024

@@ -24,11 +24,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mocoserve.export.package import embedding_model
+from mocoserve.train import checkpoint
+
 from benchmarks.export_throughput import make_package
-from export.package import embedding_model
 from mocoserve import model as package_loader
 from mocoserve.decode import decode_file, default_workers
-from train import checkpoint
 
 
 def make_jpegs(root: Path, n: int, seed: int = 0) -> Path:
@@ -121,7 +122,7 @@ def main() -> None:
         r = {
             "images": len(files),
             "arch": args.arch,
-            "input_size": manifest["input_size"],
+            "input_size": manifest.input_size,
             "workers": args.workers,
             "cpu_count": os.cpu_count(),
         }
@@ -132,8 +133,8 @@ def main() -> None:
             root,
             args.batch,
             args.workers,
-            manifest["preprocess"]["resize"],
-            manifest["input_size"],
+            manifest.preprocess.resize,
+            manifest.input_size,
         )
         r["embed_vs_bound"] = r["embed_img_s"] / r["bound_img_s"]
         r["embed_vs_plain"] = r["embed_img_s"] / r["plain_pytorch_img_s"]

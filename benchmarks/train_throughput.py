@@ -24,9 +24,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.config import build_config
-from train.loop import _autocast, fit
-from train.methods import build_method
+from mocoserve.train.config import build_config
+from mocoserve.train.loop import _autocast, fit
+from mocoserve.train.methods import build_method
 
 
 def _write_jpeg(args: tuple[Path, int, int]) -> None:

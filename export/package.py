@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -20,16 +19,23 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from mocoserve.train import checkpoint
+from mocoserve.train.config import TrainConfig
+from mocoserve.train.models import Encoder
 from torch import nn
 
 from mocoserve import __version__
-from mocoserve.errors import UserError
-from mocoserve.model import quiet_torchscript, sha256_file
-from train import checkpoint
-from train.config import TrainConfig
-from train.models import Encoder
+from mocoserve.core.errors import UserError
+from mocoserve.core.manifest import (
+    ONNX_FILE,
+    ONNX_FP16_FILE,
+    TORCHSCRIPT_FILE,
+    Manifest,
+    Preprocess,
+    sha256_file,
+)
+from mocoserve.core.torchscript import quiet_torchscript
 
-FORMAT_VERSION = 1
 PARITY_BATCH_SIZES = (1, 2, 7, 64)
 MIN_COSINE = 0.9999
 MIN_COSINE_FP16 = 0.999
@@ -69,7 +75,7 @@ class HalfPrecision(nn.Module):
 @dataclass
 class ExportResult:
     out: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
 
 def embedding_model(ckpt: dict[str, Any], output: str) -> tuple[EmbeddingModel, TrainConfig]:
@@ -176,7 +182,7 @@ def export_checkpoint(
         if "onnx" in formats:
             import onnxruntime as ort
 
-            path = staging / "encoder.onnx"
+            path = staging / ONNX_FILE
             _export_onnx(folded, path, size, opset)
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             parity["onnx"] = _parity(lambda x: session.run(None, {"images": x})[0], reference, size)
@@ -188,7 +194,7 @@ def export_checkpoint(
         if fp16:
             import onnxruntime as ort
 
-            path = staging / "encoder.fp16.onnx"
+            path = staging / ONNX_FP16_FILE
             _export_onnx(HalfPrecision(folded), path, size, opset)
             session16 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             parity["onnx_fp16"] = _parity(
@@ -201,7 +207,7 @@ def export_checkpoint(
                 "precision": "fp16",
             }
         if "torchscript" in formats:
-            path = staging / "encoder.pt"
+            path = staging / TORCHSCRIPT_FILE
             _export_torchscript(folded, path, size)
             with quiet_torchscript():
                 scripted = torch.jit.load(str(path))
@@ -221,24 +227,19 @@ def export_checkpoint(
                 )
         with torch.no_grad():
             dim = int(reference(torch.rand(1, 3, size, size)).shape[1])
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "embedding_dim": dim,
-            "input_size": size,
-            "preprocess": {
-                "resize": eval_data.resolved_eval_resize(),
-                "crop": size,
-                "interpolation": "bilinear",
-                "mean": list(cfg.data.mean),
-                "std": list(cfg.data.std),
-                "folded": True,
-                "input": "float32 NCHW RGB in [0, 1]",
-            },
-            "output": output,
-            "normalized": True,
-            "files": files,
-            "parity": parity,
-            "source": {
+        manifest = Manifest(
+            embedding_dim=dim,
+            input_size=size,
+            preprocess=Preprocess(
+                resize=eval_data.resolved_eval_resize(),
+                crop=size,
+                mean=list(cfg.data.mean),
+                std=list(cfg.data.std),
+            ),
+            output=output,
+            files=files,
+            parity=parity,
+            source={
                 "method": cfg.method.name,
                 "arch": cfg.model.arch,
                 "epochs": int(ckpt["epoch"]),
@@ -247,9 +248,9 @@ def export_checkpoint(
                 "checkpoint_sha256": sha256_file(ckpt_path),
                 "config": cfg.to_dict(),
             },
-            "created_by": f"mocoserve {__version__}",
-        }
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            created_by=f"mocoserve {__version__}",
+        )
+        manifest.write(staging)
         _replace_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from mocoserve.images import decode_image
+from mocoserve.core.images import decode_image
 from mocoserve.model import resize_crop
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mocoserve.errors import UserError
+from mocoserve.core.errors import UserError
 
 # A small-image MoCo v2 recipe for 1,437 digit images of 32 px: no flips (mirrored digits are
 # other digits), milder crops, small batches (more steps in a few CPU minutes), a short queue
@@ -72,13 +72,13 @@ def run_demo(out: Path, epochs: int, seed: int = 0, workers: int = 2) -> DemoRes
 
     import torch
 
-    from export.package import export_checkpoint
     from mocoserve.embed import embed_folders
+    from mocoserve.export.package import export_checkpoint
     from mocoserve.report import run_knn
-    from train import checkpoint
-    from train.config import build_config
-    from train.loop import fit
-    from train.methods import build_method
+    from mocoserve.train import checkpoint
+    from mocoserve.train.config import build_config
+    from mocoserve.train.loop import fit
+    from mocoserve.train.methods import build_method
 
     started = time.perf_counter()
     train_dir, val_dir = write_digits(out / "data", seed=seed)

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mocoserve import index as index_mod
+from mocoserve.core.errors import UserError
+from mocoserve.core.images import iter_image_files
 from mocoserve.decode import default_workers
-from mocoserve.errors import UserError
-from mocoserve.images import iter_image_files
 from mocoserve.vectors import FLAT_LIMIT
 
 

@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image
 
 from mocoserve import vectors as vec
+from mocoserve.core.errors import UserError
 from mocoserve.decode import Decoded, decode_file, decode_files
-from mocoserve.errors import UserError
 from mocoserve.model import PackageEncoder, load, resize_crop, sha256_file, to_input
 from mocoserve.sidecar import NewItem, Sidecar
 

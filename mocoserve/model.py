@@ -5,11 +5,6 @@ Serving path: no import of `train` or `export`.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,39 +12,21 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mocoserve.errors import UserError
+from mocoserve.core.errors import UserError
+from mocoserve.core.manifest import (
+    BACKEND_FILES,
+    ONNX_FP16_FILE,
+    Manifest,
+    sha256_file,
+)
+from mocoserve.core.torchscript import quiet_torchscript
 
-SUPPORTED_FORMAT_VERSION = 1
-BACKEND_FILES = {"onnx": "encoder.onnx", "torchscript": "encoder.pt"}
+__all__ = ["Manifest", "PackageEncoder", "file_status", "load", "read_manifest", "sha256_file"]
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
+def read_manifest(path: str | Path) -> Manifest:
     """The manifest of a model package, with a clear error for anything that is not one."""
-    folder = Path(path)
-    if not folder.is_dir() or not (folder / "manifest.json").is_file():
-        raise UserError(f"{folder} is not a model package (no manifest.json); make one with export")
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{folder}/manifest.json is not valid JSON ({e})") from None
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if not isinstance(version, int):
-        raise UserError(f"{folder}/manifest.json has no format_version")
-    if version > SUPPORTED_FORMAT_VERSION:
-        raise UserError(
-            f"{folder} is a version {version} package; this mocoserve reads up to "
-            f"{SUPPORTED_FORMAT_VERSION} (upgrade mocoserve)"
-        )
-    return manifest
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return Manifest.read(path)
 
 
 def file_status(folder: str | Path, entry: dict[str, Any], name: str) -> str:
@@ -60,8 +37,8 @@ def file_status(folder: str | Path, entry: dict[str, Any], name: str) -> str:
     return "sha256 ok" if sha256_file(path) == entry.get("sha256") else "sha256 MISMATCH"
 
 
-def _verify(folder: Path, manifest: dict[str, Any], name: str) -> Path:
-    entry = manifest.get("files", {}).get(name)
+def _verify(folder: Path, manifest: Manifest, name: str) -> Path:
+    entry = manifest.files.get(name)
     path = folder / name
     if entry is None or not path.is_file():
         raise UserError(f"{folder} has no {name}")
@@ -75,7 +52,7 @@ class PackageEncoder:
     """A loaded model package: `preprocess` one image, `embed` a batch."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     backend: str
     device: str
     provider: str
@@ -83,19 +60,19 @@ class PackageEncoder:
 
     @property
     def embedding_dim(self) -> int:
-        return int(self.manifest["embedding_dim"])
+        return self.manifest.embedding_dim
 
     @property
     def input_size(self) -> int:
-        return int(self.manifest["input_size"])
+        return self.manifest.input_size
 
     @property
     def resize(self) -> int:
-        return int(self.manifest["preprocess"]["resize"])
+        return self.manifest.preprocess.resize
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """RGB PIL image -> 3 x S x S float32 in [0, 1]: resize shorter side, centre crop."""
-        crop = int(self.manifest["preprocess"]["crop"])
+        crop = self.manifest.preprocess.crop
         return to_input(np.asarray(resize_crop(image, self.resize, crop))[None])[0]
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
@@ -106,14 +83,6 @@ class PackageEncoder:
                 f"expected N x 3 x {self.input_size} x {self.input_size}, got {batch.shape}"
             )
         return np.asarray(self._run(batch), dtype=np.float32)
-
-
-@contextmanager
-def quiet_torchscript() -> Iterator[None]:
-    """TorchScript still works in torch 2.x; its deprecation warnings are noise to our users."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit", category=FutureWarning)
-        yield
 
 
 def resize_crop(image: Image.Image, resize: int, crop: int) -> Image.Image:
@@ -145,19 +114,19 @@ def load(
     `fp16` picks the package's encoder.fp16.onnx (made by `export --fp16`, for GPUs).
     """
     folder = Path(path)
-    manifest = read_manifest(folder)
+    manifest = Manifest.read(folder)
     if backend not in ("auto", "onnx", "torchscript"):
         raise UserError(f"backend must be auto, onnx or torchscript, got {backend!r}")
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"device must be auto, cpu or cuda, got {device!r}")
     if backend == "auto":
-        backend = next((b for b, f in BACKEND_FILES.items() if f in manifest.get("files", {})), "")
+        backend = next((b for b, f in BACKEND_FILES.items() if f in manifest.files), "")
         if not backend:
             raise UserError(f"{folder} lists neither encoder.onnx nor encoder.pt")
     if fp16 and backend != "onnx":
         raise UserError("fp16 is an ONNX variant; use backend onnx (or auto)")
-    name = "encoder.fp16.onnx" if fp16 else BACKEND_FILES[backend]
-    if fp16 and name not in manifest.get("files", {}):
+    name = ONNX_FP16_FILE if fp16 else BACKEND_FILES[backend]
+    if fp16 and name not in manifest.files:
         raise UserError(f"{folder} has no fp16 variant; export it with --fp16")
     file = _verify(folder, manifest, name)
     if backend == "onnx":
@@ -176,7 +145,7 @@ def _cuda_driver_present() -> bool:
     return True
 
 
-def _load_onnx(folder: Path, manifest: dict, file: Path, device: str) -> PackageEncoder:
+def _load_onnx(folder: Path, manifest: Manifest, file: Path, device: str) -> PackageEncoder:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -203,7 +172,7 @@ def _load_onnx(folder: Path, manifest: dict, file: Path, device: str) -> Package
     )
 
 
-def _load_torchscript(folder: Path, manifest: dict, file: Path, device: str) -> PackageEncoder:
+def _load_torchscript(folder: Path, manifest: Manifest, file: Path, device: str) -> PackageEncoder:
     import torch
 
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"

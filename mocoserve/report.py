@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from mocoserve import knn
+from mocoserve.core.errors import UserError
+from mocoserve.core.images import load_rgb
 from mocoserve.embed import embed_folders
-from mocoserve.errors import UserError
-from mocoserve.images import load_rgb
 from mocoserve.index import model_fingerprint, sidecar_path
 from mocoserve.sidecar import Sidecar
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mocoserve.errors import UserError
+from mocoserve.core.errors import UserError
 
 SIDECAR_FORMAT_VERSION = 1
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from mocoserve.errors import UserError
+from mocoserve.core.errors import UserError
 
 FLAT_LIMIT = 1_000_000  # auto: exact search up to this many vectors
 RECALL_TARGET = 0.95  # auto IVF: nprobe is raised until recall@10 reaches this

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
-from train import checkpoint
-from train.config import build_config
-from train.methods import build_method
+from mocoserve.train import checkpoint
+from mocoserve.train.config import build_config
+from mocoserve.train.methods import build_method
 
 
 def make_checkpoint(path: Path, method: str = "moco-v2", arch: str = "resnet18", **model) -> Path:
@@ -37,7 +36,7 @@ def make_checkpoint(path: Path, method: str = "moco-v2", arch: str = "resnet18",
 
 def make_package(root: Path, formats: tuple[str, ...] = ("onnx",)) -> Path:
     """A model package (ResNet-18, 32 px, 512-d backbone output) exported from a checkpoint."""
-    from export.package import export_checkpoint
+    from mocoserve.export.package import export_checkpoint
 
     root.mkdir(parents=True, exist_ok=True)
     ckpt = make_checkpoint(root / "model.pt")

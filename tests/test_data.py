@@ -6,14 +6,14 @@ import os
 import numpy as np
 import pytest
 import torch
+from mocoserve.train.augment import MultiView, train_transform
+from mocoserve.train.config import DataConfig
+from mocoserve.train.data import EpochSampler, ImageDataset, ShardSampler, make_loader, scan_folder
 from PIL import Image
 
-from mocoserve.errors import UserError
-from mocoserve.images import iter_image_files, load_rgb
+from mocoserve.core.errors import UserError
+from mocoserve.core.images import iter_image_files, load_rgb
 from tests.imagegen import class_image, make_labelled
-from train.augment import MultiView, train_transform
-from train.config import DataConfig
-from train.data import EpochSampler, ImageDataset, ShardSampler, make_loader, scan_folder
 
 
 def test_scan_labelled_and_flat(labelled_dir, flat_dir):
@@ -103,7 +103,7 @@ def test_dataset_skips_unreadable_files(tmp_path, capsys):
 
 
 def test_epoch_sampler_shards_whole_batches_deterministically(monkeypatch):
-    import train.distributed as d
+    import mocoserve.train.distributed as d
 
     shards = []
     for r in range(2):
@@ -122,7 +122,7 @@ def test_epoch_sampler_shards_whole_batches_deterministically(monkeypatch):
 
 
 def test_shard_sampler_covers_everything(monkeypatch):
-    import train.distributed as d
+    import mocoserve.train.distributed as d
 
     seen = []
     for r in range(3):
@@ -150,9 +150,8 @@ def test_augmentation_does_not_depend_on_workers(labelled_dir):
 
 
 def test_batched_color_augment_matches_torchvision_per_image():
+    from mocoserve.train.augment import color_augment_batch
     from torchvision.transforms.v2 import functional as TF
-
-    from train.augment import color_augment_batch
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (5, 3, 12, 12), generator=g, dtype=torch.uint8)
@@ -182,7 +181,7 @@ def test_batched_color_augment_matches_torchvision_per_image():
 
 
 def test_gpu_augment_views_are_uint8_crops_with_seeded_params(labelled_dir):
-    from train.augment import GeometricView
+    from mocoserve.train.augment import GeometricView
 
     index = scan_folder(labelled_dir)
     cfg = DataConfig(image_size=16, gpu_augment=True)

@@ -9,9 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-
-from train import distributed
-from train.losses import supcon_loss
+from mocoserve.train import distributed
+from mocoserve.train.losses import supcon_loss
 
 WORLD = 2
 
@@ -81,8 +80,9 @@ def check_gathers(rank: int) -> None:
 
 
 def check_moco_shuffle_and_queue(rank: int) -> None:
+    from mocoserve.train.methods import MoCo
+
     from tests.test_methods import tiny_cfg
-    from train.methods import MoCo
 
     torch.manual_seed(0)  # same weights on both ranks
     moco = MoCo(tiny_cfg())

@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from mocoserve.export import package
+from mocoserve.export.package import embedding_model, export_checkpoint
+from mocoserve.train import checkpoint
+from mocoserve.train.augment import eval_transform
 from PIL import Image
 from typer.testing import CliRunner
 
-from export import package
-from export.package import embedding_model, export_checkpoint
 from mocoserve import model as model_package
 from mocoserve.cli import app
-from mocoserve.errors import UserError
+from mocoserve.core.errors import UserError
 from tests.models import make_checkpoint
-from train import checkpoint
-from train.augment import eval_transform
 
 runner = CliRunner()
 
@@ -32,7 +32,7 @@ def moco_package(tmp_path_factory):
 @pytest.mark.parametrize("output", ["backbone", "head"])
 def test_every_method_exports_with_parity(method, output, tmp_path):
     ckpt = make_checkpoint(tmp_path / "c.pt", method, bn_splits=2, small_stem=True)
-    manifest = export_checkpoint(ckpt, tmp_path / "m", output=output).manifest
+    manifest = export_checkpoint(ckpt, tmp_path / "m", output=output).manifest.to_dict()
     for name in ("onnx", "torchscript"):
         assert manifest["parity"][name]["min_cosine"] >= 0.9999
         assert manifest["parity"][name]["max_abs_diff"] < 1e-4
@@ -176,7 +176,7 @@ def test_cli_train_export_info(labelled_dir, tmp_path):
 @pytest.mark.parametrize("arch", ["resnet50", "resnext50_32x4d", "wide_resnet50_2"])
 def test_bottleneck_backbone_families_export(arch, tmp_path):
     ckpt = make_checkpoint(tmp_path / "c.pt", arch=arch)
-    manifest = export_checkpoint(ckpt, tmp_path / "m").manifest
+    manifest = export_checkpoint(ckpt, tmp_path / "m").manifest.to_dict()
     assert manifest["embedding_dim"] == 2048
     assert all(manifest["parity"][n]["min_cosine"] >= 0.9999 for n in ("onnx", "torchscript"))
 

@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from train.losses import info_nce, supcon_loss, supcon_queue_loss
+from mocoserve.train.losses import info_nce, supcon_loss, supcon_queue_loss
 
 
 def unit(*shape: int, seed: int) -> torch.Tensor:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from mocoserve.train import checkpoint
 from typer.testing import CliRunner
 
 from mocoserve.cli import app
-from train import checkpoint
 
 runner = CliRunner()
 TINY = ["--arch", "resnet18", "--image-size", "32", "--dim", "16", "--workers", "0", "-q"]

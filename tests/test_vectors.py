@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mocoserve import vectors as vec
-from mocoserve.errors import UserError
+from mocoserve.core.errors import UserError
 
 
 def clustered(n: int, dim: int = 32, clusters: int = 50, seed: int = 0) -> np.ndarray:

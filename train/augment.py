@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from mocoserve.train.config import DataConfig
 from PIL import Image, ImageFilter
 from torchvision.transforms import v2
-
-from train.config import DataConfig
 
 
 def _to_normalized_tensor(cfg: DataConfig) -> list[v2.Transform]:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mocoserve.errors import UserError
+from mocoserve.core.errors import UserError
 
 FORMAT = "mocoserve-checkpoint"
 VERSION = 1

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from mocoserve.errors import UserError
+from mocoserve.core.errors import UserError
 
 METHODS = ("moco-v1", "moco-v2", "supcon", "supcon-queue", "linear")
 PRESETS = ("cifar",)

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from mocoserve.train import distributed
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mocoserve.errors import UserError
-from mocoserve.images import IMAGE_EXTENSIONS, iter_image_files, load_rgb
-from train import distributed
+from mocoserve.core.errors import UserError
+from mocoserve.core.images import IMAGE_EXTENSIONS, iter_image_files, load_rgb
 
 
 @dataclass

@@ -13,7 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from mocoserve.errors import UserError
+from mocoserve.core.errors import UserError
 
 # torch 2.14 renamed all_gather_into_tensor; keep working on the releases before it
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

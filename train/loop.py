@@ -14,20 +14,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch import nn
-
-from mocoserve.errors import UserError
-from train import checkpoint, distributed
-from train.augment import (
+from mocoserve.train import checkpoint, distributed
+from mocoserve.train.augment import (
     GeometricView,
     MultiView,
     color_augment_batch,
     eval_transform,
     train_transform,
 )
-from train.config import (
+from mocoserve.train.config import (
     IDENTITY_FIELDS,
     TrainConfig,
     build_config,
@@ -37,7 +32,7 @@ from train.config import (
     save_yaml,
     validate,
 )
-from train.data import (
+from mocoserve.train.data import (
     EpochSampler,
     FolderIndex,
     ImageDataset,
@@ -45,8 +40,13 @@ from train.data import (
     make_loader,
     scan_folder,
 )
-from train.knn import topk_accuracy, weighted_knn_scores
-from train.methods import LinearProbe, build_method
+from mocoserve.train.knn import topk_accuracy, weighted_knn_scores
+from mocoserve.train.methods import LinearProbe, build_method
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from mocoserve.core.errors import UserError
 
 
 @dataclass

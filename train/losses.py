@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from train import distributed
+from mocoserve.train import distributed
 
 
 def info_nce(

@@ -11,12 +11,11 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from mocoserve.train import distributed
+from mocoserve.train.config import TrainConfig
+from mocoserve.train.losses import info_nce, supcon_loss, supcon_queue_loss
+from mocoserve.train.models import Encoder
 from torch import nn
-
-from train import distributed
-from train.config import TrainConfig
-from train.losses import info_nce, supcon_loss, supcon_queue_loss
-from train.models import Encoder
 
 
 class MomentumQueueMethod(nn.Module):

@@ -7,10 +7,10 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 import torchvision
+from mocoserve.train.config import ModelConfig
 from torch import nn
 
-from mocoserve.errors import UserError
-from train.config import ModelConfig
+from mocoserve.core.errors import UserError
 
 
 class SplitBatchNorm(nn.BatchNorm2d):

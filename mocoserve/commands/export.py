@@ -40,7 +40,7 @@ def export(
     """Fold a checkpoint's query encoder into a verified ONNX + TorchScript model package."""
 
     def work() -> None:
-        from export.package import ExportError, export_checkpoint
+        from mocoserve.export.package import ExportError, export_checkpoint
 
         try:
             result = export_checkpoint(
@@ -55,7 +55,7 @@ def export(
         except ExportError as e:
             print(f"error: {e}; package not written", file=sys.stderr)
             raise typer.Exit(1) from None
-        parity = result.manifest["parity"]
+        parity = result.manifest.parity
         for name in ("onnx", "torchscript", "onnx_fp16"):
             if name in parity:
                 p = parity[name]
@@ -63,7 +63,7 @@ def export(
                     f"{name}: max |diff| {p['max_abs_diff']:.2e}, min cosine {p['min_cosine']:.7f} "
                     f"(batches {', '.join(map(str, parity['batch_sizes']))})"
                 )
-        print(f"wrote {result.out} ({result.manifest['embedding_dim']}-d {output} embeddings)")
+        print(f"wrote {result.out} ({result.manifest.embedding_dim}-d {output} embeddings)")
 
     guarded(work)
 
@@ -78,20 +78,19 @@ def info(model: ModelArg) -> None:
         manifest = read_manifest(model)
         console = Console()
         table = Table(title=str(model), show_header=False)
-        source = manifest.get("source", {})
-        pre = manifest.get("preprocess", {})
+        source, pre = manifest.source, manifest.preprocess
         rows = [
-            ("format version", manifest["format_version"]),
+            ("format version", manifest.format_version),
             (
                 "embedding",
-                f"{manifest.get('embedding_dim')}-d {manifest.get('output')} features"
-                + (", L2-normalised" if manifest.get("normalized") else ""),
+                f"{manifest.embedding_dim}-d {manifest.output} features"
+                + (", L2-normalised" if manifest.normalized else ""),
             ),
-            ("input", f"{manifest.get('input_size')} px, {pre.get('input', '')}"),
+            ("input", f"{manifest.input_size} px, {pre.input}"),
             (
                 "preprocess",
-                f"resize {pre.get('resize')} ({pre.get('interpolation')}), "
-                f"centre crop {pre.get('crop')}; mean/std folded into the graph",
+                f"resize {pre.resize} ({pre.interpolation}), "
+                f"centre crop {pre.crop}; mean/std folded into the graph",
             ),
             (
                 "source",
@@ -99,7 +98,7 @@ def info(model: ModelArg) -> None:
                 f"({source.get('checkpoint')}, sha256 {source.get('checkpoint_sha256', '')[:12]}…)",
             ),
         ]
-        for name, entry in manifest.get("files", {}).items():
+        for name, entry in manifest.files.items():
             extra = f", opset {entry['opset']}" if "opset" in entry else ""
             rows.append(
                 (
@@ -108,7 +107,7 @@ def info(model: ModelArg) -> None:
                     + file_status(model, entry, name),
                 )
             )
-        for name, p in manifest.get("parity", {}).items():
+        for name, p in manifest.parity.items():
             if isinstance(p, dict):
                 rows.append(
                     (
@@ -116,7 +115,7 @@ def info(model: ModelArg) -> None:
                         f"max |diff| {p['max_abs_diff']:.2e}, min cosine {p['min_cosine']:.7f}",
                     )
                 )
-        rows.append(("created by", manifest.get("created_by", "?")))
+        rows.append(("created by", manifest.created_by or "?"))
         for key, value in rows:
             table.add_row(key, str(value))
         console.print(table)

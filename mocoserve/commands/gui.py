@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from mocoserve.commands.options import DeviceOpt, ModelOpt, guarded
-from mocoserve.errors import UserError
+from mocoserve.core.errors import UserError
 
 app = typer.Typer()
 
@@ -39,8 +39,8 @@ def app_command(
 
     def work() -> None:
         import mocoserve.index
-        from app.search import Searcher
-        from app.ui import build_app, launch_options
+        from mocoserve.app.search import Searcher
+        from mocoserve.app.ui import build_app, launch_options
 
         credentials = None
         if auth is not None:

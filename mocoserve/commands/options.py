@@ -10,7 +10,7 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from mocoserve.errors import UserError
+from mocoserve.core.errors import UserError
 
 T = TypeVar("T")
 

@@ -31,7 +31,7 @@ from mocoserve.commands.options import (
     WorkersOpt,
     guarded,
 )
-from mocoserve.errors import UserError
+from mocoserve.core.errors import UserError
 
 app = typer.Typer()
 

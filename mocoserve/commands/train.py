@@ -46,8 +46,8 @@ def _fit(
     overrides: dict[str, Any],
     resume: str | None,
 ) -> None:
-    from train import distributed
-    from train.loop import fit, prepare_config
+    from mocoserve.train import distributed
+    from mocoserve.train.loop import fit, prepare_config
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
     cfg, ckpt = prepare_config(method, preset, str(config) if config else None, overrides, resume)

@@ -1,0 +1,160 @@
+"""The model-package format: its file names, its version and the `Manifest` that describes it.
+
+`mocoserve.export` writes a package through `Manifest.write`; `mocoserve.model.load` reads it
+through `Manifest.read`. Both sides use this one definition, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mocoserve.core.errors import UserError
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+ONNX_FILE = "encoder.onnx"
+ONNX_FP16_FILE = "encoder.fp16.onnx"
+TORCHSCRIPT_FILE = "encoder.pt"
+BACKEND_FILES = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
+PACKAGE_FILES = (MANIFEST_FILE, ONNX_FILE, ONNX_FP16_FILE, TORCHSCRIPT_FILE)
+INPUT_DESCRIPTION = "float32 NCHW RGB in [0, 1]"
+_PREPROCESS_EXTRAS = ("interpolation", "mean", "std", "folded", "input")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Preprocess:
+    """What a loader does before the graph: resize the shorter side, centre-crop, scale to [0, 1].
+
+    mean/std are recorded for reference; they are inside the graph (`folded`).
+    """
+
+    resize: int
+    crop: int
+    interpolation: str = "bilinear"
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    folded: bool = True
+    input: str = INPUT_DESCRIPTION
+
+
+@dataclass
+class Manifest:
+    """manifest.json of a model package (see docs/architecture.md for every field)."""
+
+    embedding_dim: int
+    input_size: int
+    preprocess: Preprocess
+    output: str  # backbone | head
+    files: dict[str, dict[str, Any]]  # name -> sha256, bytes (+ opset, precision)
+    parity: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    normalized: bool = True
+    created_by: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        first = ("format_version", "embedding_dim", "input_size", "preprocess", "output")
+        return {**{k: d[k] for k in first}, **{k: v for k, v in d.items() if k not in first}}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "manifest.json") -> Manifest:
+        """Check every field's type and range; a bad manifest is a UserError naming the field."""
+        if not isinstance(d, dict):
+            raise UserError(f"{where} is not a JSON object")
+        version = d.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise UserError(f"{where} has no format_version")
+        if version > FORMAT_VERSION:
+            raise UserError(
+                f"{where} is from a version {version} package; this mocoserve reads up to "
+                f"{FORMAT_VERSION} (upgrade mocoserve)"
+            )
+        pre = d.get("preprocess")
+        if not isinstance(pre, dict):
+            raise UserError(f"{where}: preprocess must be an object")
+        try:
+            manifest = cls(
+                embedding_dim=_positive_int(d, "embedding_dim", where),
+                input_size=_positive_int(d, "input_size", where),
+                preprocess=Preprocess(
+                    resize=_positive_int(pre, "resize", where, "preprocess."),
+                    crop=_positive_int(pre, "crop", where, "preprocess."),
+                    **{
+                        k: pre[k]
+                        for k in ("interpolation", "mean", "std", "folded", "input")
+                        if k in pre
+                    },
+                ),
+                output=str(d.get("output", "backbone")),
+                files=_files(d.get("files"), where),
+                parity=d.get("parity") or {},
+                source=d.get("source") or {},
+                normalized=bool(d.get("normalized", True)),
+                created_by=str(d.get("created_by", "")),
+                format_version=version,
+            )
+        except TypeError as e:
+            raise UserError(f"{where}: unexpected field ({e})") from None
+        if manifest.preprocess.crop != manifest.input_size:
+            raise UserError(
+                f"{where}: preprocess.crop ({manifest.preprocess.crop}) differs from input_size "
+                f"({manifest.input_size})"
+            )
+        if manifest.preprocess.resize < manifest.input_size:
+            raise UserError(f"{where}: preprocess.resize is smaller than input_size")
+        return manifest
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike) -> Manifest:
+        """The manifest of a package folder, with a clear error for anything that is not one."""
+        folder = Path(folder)
+        path = folder / MANIFEST_FILE
+        if not folder.is_dir() or not path.is_file():
+            raise UserError(
+                f"{folder} is not a model package (no {MANIFEST_FILE}); make one with export"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is not valid JSON ({e})") from None
+        return cls.from_dict(data, str(path))
+
+    def write(self, folder: str | os.PathLike) -> Path:
+        path = Path(folder) / MANIFEST_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+
+def _positive_int(d: dict[str, Any], key: str, where: str, prefix: str = "") -> int:
+    value = d.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserError(f"{where}: {prefix}{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _files(value: Any, where: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("sha256"), str)
+        for k, v in value.items()
+    ):
+        raise UserError(f"{where}: files must map each file name to its sha256")
+    unknown = sorted(set(value) - set(PACKAGE_FILES))
+    if unknown:  # never a path: a manifest must not point a loader outside its folder
+        raise UserError(f"{where}: unknown file {unknown[0]!r} in files")
+    return value
