@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import gradio as gr
+
 from mocoserve.app.search import MAX_K, Searcher, SearchError
 
 ANY_LABEL = "(any label)"

@@ -24,12 +24,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mocoserve.export.package import embedding_model
-from mocoserve.train import checkpoint
-
 from benchmarks.export_throughput import make_package
 from mocoserve import model as package_loader
 from mocoserve.decode import decode_file, default_workers
+from mocoserve.export.package import embedding_model
+from mocoserve.train import checkpoint
 
 
 def make_jpegs(root: Path, n: int, seed: int = 0) -> Path:

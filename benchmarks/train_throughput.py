@@ -25,8 +25,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mocoserve.train.config import build_config
-from mocoserve.train.loop import _autocast, fit
 from mocoserve.train.methods import build_method
+from mocoserve.train.trainer import fit
 
 
 def _write_jpeg(args: tuple[Path, int, int]) -> None:
@@ -76,8 +76,11 @@ def model_only(args: argparse.Namespace, compile_model: bool) -> float:
     ]
     labels = torch.zeros(args.batch_size, dtype=torch.long, device=device)
 
+    half = torch.float16 if args.precision == "fp16" else torch.bfloat16
+    amp = device.type == "cuda" and args.precision != "fp32"
+
     def step() -> None:
-        with _autocast(device, cfg):
+        with torch.autocast(device.type, dtype=half, enabled=amp):
             loss = method(views, labels)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()

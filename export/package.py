@@ -19,9 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from mocoserve.train import checkpoint
-from mocoserve.train.config import TrainConfig
-from mocoserve.train.models import Encoder
 from torch import nn
 
 from mocoserve import __version__
@@ -35,6 +32,10 @@ from mocoserve.core.manifest import (
     sha256_file,
 )
 from mocoserve.core.torchscript import quiet_torchscript
+from mocoserve.train import checkpoint
+from mocoserve.train.config import TrainConfig
+from mocoserve.train.methods import get_spec
+from mocoserve.train.models import Encoder
 
 PARITY_BATCH_SIZES = (1, 2, 7, 64)
 MIN_COSINE = 0.9999
@@ -81,8 +82,11 @@ class ExportResult:
 def embedding_model(ckpt: dict[str, Any], output: str) -> tuple[EmbeddingModel, TrainConfig]:
     """The checkpoint's query encoder as an eval-mode EmbeddingModel (plain BatchNorm)."""
     cfg = TrainConfig.from_dict(ckpt["config"])
-    if cfg.method.name == "linear":
-        raise UserError("this is a linear-probe checkpoint; export the pretraining checkpoint")
+    if not get_spec(cfg.method.name).cls.trains_encoder:
+        raise UserError(
+            f"this is a {cfg.method.name} checkpoint, not a pretraining one; export the "
+            "pretraining checkpoint"
+        )
     cfg.model.bn_splits = 1  # SplitBatchNorm is BatchNorm2d in eval mode, with the same keys
     encoder = Encoder(cfg.model)
     encoder.load_state_dict(checkpoint.query_encoder_state(ckpt))
@@ -242,8 +246,8 @@ def export_checkpoint(
             source={
                 "method": cfg.method.name,
                 "arch": cfg.model.arch,
-                "epochs": int(ckpt["epoch"]),
-                "step": int(ckpt["step"]),
+                "epochs": int(ckpt["train_state"]["epoch"]),
+                "step": int(ckpt["train_state"]["step"]),
                 "checkpoint": ckpt_path.name,
                 "checkpoint_sha256": sha256_file(ckpt_path),
                 "config": cfg.to_dict(),

@@ -77,8 +77,8 @@ def run_demo(out: Path, epochs: int, seed: int = 0, workers: int = 2) -> DemoRes
     from mocoserve.report import run_knn
     from mocoserve.train import checkpoint
     from mocoserve.train.config import build_config
-    from mocoserve.train.loop import fit
     from mocoserve.train.methods import build_method
+    from mocoserve.train.trainer import fit
 
     started = time.perf_counter()
     train_dir, val_dir = write_digits(out / "data", seed=seed)

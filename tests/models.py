@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from mocoserve.train import checkpoint
 from mocoserve.train.config import build_config
 from mocoserve.train.methods import build_method

@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 from gradio_client import Client, handle_file
-from mocoserve.app.search import Searcher, SearchError, indexed_roots
-from mocoserve.app.ui import ANY_LABEL, build_app, launch_options
 
 import mocoserve.index
+from mocoserve.app.search import Searcher, SearchError, indexed_roots
+from mocoserve.app.ui import ANY_LABEL, build_app, launch_options
 from mocoserve.embed import embed_folders
 from tests.imagegen import class_image
 

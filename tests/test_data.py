@@ -6,13 +6,13 @@ import os
 import numpy as np
 import pytest
 import torch
-from mocoserve.train.augment import MultiView, train_transform
-from mocoserve.train.config import DataConfig
-from mocoserve.train.data import EpochSampler, ImageDataset, ShardSampler, make_loader, scan_folder
 from PIL import Image
 
 from mocoserve.core.errors import UserError
 from mocoserve.core.images import iter_image_files, load_rgb
+from mocoserve.train.augment import MultiView, train_transform
+from mocoserve.train.config import DataConfig
+from mocoserve.train.data import EpochSampler, ImageDataset, ShardSampler, make_loader, scan_folder
 from tests.imagegen import class_image, make_labelled
 
 
@@ -150,8 +150,9 @@ def test_augmentation_does_not_depend_on_workers(labelled_dir):
 
 
 def test_batched_color_augment_matches_torchvision_per_image():
-    from mocoserve.train.augment import color_augment_batch
     from torchvision.transforms.v2 import functional as TF
+
+    from mocoserve.train.augment import color_augment_batch
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (5, 3, 12, 12), generator=g, dtype=torch.uint8)

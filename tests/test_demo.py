@@ -1,12 +1,12 @@
 """The main job: scikit-learn's digits as an image folder, and `mocoserve demo` end to end."""
 
 import pytest
-from mocoserve.train.data import scan_folder
 from PIL import Image
 from typer.testing import CliRunner
 
 from mocoserve.cli import app
 from mocoserve.demo import write_digits
+from mocoserve.train.data import scan_folder
 
 
 def test_write_digits_makes_a_labelled_split(tmp_path):

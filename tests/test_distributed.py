@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+
 from mocoserve.train import distributed
 from mocoserve.train.losses import supcon_loss
 
@@ -81,7 +82,6 @@ def check_gathers(rank: int) -> None:
 
 def check_moco_shuffle_and_queue(rank: int) -> None:
     from mocoserve.train.methods import MoCo
-
     from tests.test_methods import tiny_cfg
 
     torch.manual_seed(0)  # same weights on both ranks

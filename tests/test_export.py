@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from mocoserve.export import package
-from mocoserve.export.package import embedding_model, export_checkpoint
-from mocoserve.train import checkpoint
-from mocoserve.train.augment import eval_transform
 from PIL import Image
 from typer.testing import CliRunner
 
 from mocoserve import model as model_package
 from mocoserve.cli import app
 from mocoserve.core.errors import UserError
+from mocoserve.export import package
+from mocoserve.export.package import embedding_model, export_checkpoint
+from mocoserve.train import checkpoint
+from mocoserve.train.augment import eval_transform
 from tests.models import make_checkpoint
 
 runner = CliRunner()
@@ -115,7 +115,7 @@ def test_export_of_a_non_checkpoint_is_refused(tmp_path):
     notes.write_text("hello")
     result = runner.invoke(app, ["export", str(notes), "--out", str(tmp_path / "m")])
     assert result.exit_code == 2, result.output
-    assert "is not a readable mocoserve checkpoint" in result.output
+    assert "is not a mocoserve checkpoint" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "m").exists()
 
 

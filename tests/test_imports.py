@@ -200,5 +200,5 @@ def test_the_wheel_installs_one_top_level_name(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"mocoserve"}, tops
-    for module in ("train/loop.py", "export/package.py", "app/ui.py", "core/manifest.py"):
+    for module in ("train/trainer.py", "export/package.py", "app/ui.py", "core/manifest.py"):
         assert f"mocoserve/{module}" in names

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from mocoserve.train.losses import info_nce, supcon_loss, supcon_queue_loss
 
 

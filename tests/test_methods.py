@@ -3,13 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from mocoserve.train.config import ModelConfig, build_config, method_defaults
-from mocoserve.train.loop import lr_factor
-from mocoserve.train.methods import MoCo, SupConQueue, build_method
-from mocoserve.train.models import Encoder, SplitBatchNorm
 from torch import nn
 
 from mocoserve.core.errors import UserError
+from mocoserve.train.config import ModelConfig, build_config, method_defaults
+from mocoserve.train.methods import MoCo, SupConQueue, build_method
+from mocoserve.train.models import Encoder, SplitBatchNorm
+from mocoserve.train.trainer import lr_factor
 
 
 def tiny_cfg(method: str = "moco-v2", **model):

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from mocoserve.train import checkpoint
 from typer.testing import CliRunner
 
 from mocoserve.cli import app
+from mocoserve.train import checkpoint
 
 runner = CliRunner()
 TINY = ["--arch", "resnet18", "--image-size", "32", "--dim", "16", "--workers", "0", "-q"]
@@ -25,10 +25,12 @@ def train(*args: str):
     return result
 
 
-def assert_user_error(result, message: str):
-    assert result.exit_code == 2, result.output
-    assert f"error: {message}" in result.output or message in result.output, result.output
-    assert "Traceback" not in result.output
+def assert_user_error(result, message: str, code: int = 2):
+    """Exactly one line, `error: ...` holding the message, and the exit code (as README says)."""
+    assert result.exit_code == code, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert message in lines[0], result.output
 
 
 def state_of(path: Path) -> dict:
@@ -69,7 +71,8 @@ def test_each_method_end_to_end(method, labelled_dir, val_dir, tmp_path):
     assert all(0 <= r["knn_top1"] <= 100 for r in epochs)
     assert list((out / "tb").glob("events.out.tfevents.*"))
     ckpt = checkpoint.load(out / "checkpoints" / "last.pt")
-    assert ckpt["method"] == method and ckpt["epoch"] == 2 and ckpt["step"] == 6
+    assert ckpt["method"] == method and ckpt["train_state"]["epoch"] == 2
+    assert ckpt["train_state"]["step"] == 6
     assert {"model", "optimizer", "scaler", "scheduler", "rng", "config"} <= set(ckpt)
     assert (out / "checkpoints" / "epoch_0002.pt").is_file()
     if method != "supcon":
@@ -177,7 +180,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, labelled_dir, flat_dir):
         runner.invoke(
             app, ["lincls", str(labelled_dir), "--pretrained", str(garbage), "--out", out]
         ),
-        "is not a readable mocoserve checkpoint",
+        "is not a mocoserve checkpoint (not a torch.save file)",
     )
 
 
@@ -217,7 +220,7 @@ def test_resume_with_another_method_or_arch_is_refused(labelled_dir, tmp_path):
     # more epochs on resume is allowed; the rest of the config comes from the checkpoint
     result = train(str(labelled_dir), "--resume", "auto", "--epochs", "2", "--out", out, "-q")
     assert result.exit_code == 0, result.output
-    assert checkpoint.load(Path(out) / "checkpoints" / "last.pt")["epoch"] == 2
+    assert checkpoint.load(Path(out) / "checkpoints" / "last.pt")["train_state"]["epoch"] == 2
 
 
 def test_yaml_config_is_read_and_saved(labelled_dir, tmp_path):
@@ -242,11 +245,11 @@ def test_mid_epoch_stop_and_resume_is_exact(flat_dir, tmp_path):
     first = train(*args, "--out", str(tmp_path / "b"), "--max-steps", "8")
     assert first.exit_code == 0 and "stopped after 8 steps" in first.output, first.output
     ckpt = checkpoint.load(tmp_path / "b" / "checkpoints" / "last.pt")
-    assert (ckpt["epoch"], ckpt["epoch_step"]) == (1, 2)  # 6 steps per epoch
+    assert ckpt["train_state"] == {"epoch": 1, "epoch_step": 2, "step": 8}  # 6 steps per epoch
     assert train(*args, "--out", str(tmp_path / "b"), "--resume", "auto").exit_code == 0
     a = checkpoint.load(tmp_path / "a" / "checkpoints" / "last.pt")
     b = checkpoint.load(tmp_path / "b" / "checkpoints" / "last.pt")
-    assert a["step"] == b["step"] == 12
+    assert a["train_state"]["step"] == b["train_state"]["step"] == 12
     a, b = a["model"], b["model"]
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -311,7 +314,7 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(flat_dir, tmp_path):
     assert "resuming from" in resumed.stderr
     a = checkpoint.load(tmp_path / "clean" / "checkpoints" / "last.pt")
     b = checkpoint.load(killed_out / "checkpoints" / "last.pt")
-    assert a["step"] == b["step"] == 18
+    assert a["train_state"]["step"] == b["train_state"]["step"] == 18
     for key in a["model"]:  # weights, BN statistics, key encoder, queue and its pointer
         assert torch.equal(a["model"][key], b["model"][key]), key
 
@@ -326,14 +329,15 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(flat_dir, tmp_path):
     assert proc.returncode == 0, err
     assert "received SIGTERM" in err and "Traceback" not in err
     ckpt = checkpoint.load(out / "checkpoints" / "last.pt")
-    assert 0 < ckpt["step"] < 50 * 6
+    step = ckpt["train_state"]["step"]
+    assert 0 < step < 50 * 6
     resumed = subprocess.run(
-        _cli(*args, "--resume", "auto", "--max-steps", str(ckpt["step"] + 1)),
+        _cli(*args, "--resume", "auto", "--max-steps", str(step + 1)),
         capture_output=True,
         text=True,
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert checkpoint.load(out / "checkpoints" / "last.pt")["step"] == ckpt["step"] + 1
+    assert checkpoint.load(out / "checkpoints" / "last.pt")["train_state"]["step"] == step + 1
 
 
 @pytest.mark.slow
@@ -375,7 +379,7 @@ def test_torchrun_two_gloo_processes(method, labelled_dir, val_dir, tmp_path):
     assert "2 process(es) on cpu" in result.stderr and "global 8" in result.stderr
     assert result.stdout.count("done: 2 epochs, 6 steps") == 1  # printed by rank 0 only
     ckpt = checkpoint.load(out / "checkpoints" / "last.pt")
-    assert ckpt["step"] == 6
+    assert ckpt["train_state"]["step"] == 6
     if method != "supcon":
         assert int(ckpt["model"]["queue_ptr"]) == (6 * 8) % 20  # keys of both ranks enqueued
 

@@ -1,13 +1,73 @@
-"""Augmentation recipes (torchvision.transforms.v2) of MoCo v1, MoCo v2 (aug+) and SupCon."""
+"""Augmentation recipes (torchvision.transforms.v2) of MoCo v1, MoCo v2 (aug+) and SupCon.
+
+Each recipe is one frozen `Recipe`; the CPU transform (`train_transform`) and the split
+`--gpu-augment` path (`GeometricView` draws the parameters, `color_augment_batch` applies
+them on the device) both read it, so the two paths cannot drift apart.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
-from mocoserve.train.config import DataConfig
 from PIL import Image, ImageFilter
 from torchvision.transforms import v2
+
+from mocoserve.core.errors import UserError
+
+if TYPE_CHECKING:
+    from mocoserve.train.config import DataConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One augmentation recipe after its paper: what is drawn, how strongly, how often.
+
+    `jitter` holds ColorJitter's brightness, contrast, saturation and hue strengths (each
+    factor is drawn from [1 - s, 1 + s], hue from [-h, h]). The crop's scale range is
+    (data.min_crop_scale, 1) unless `crop_scale` fixes it.
+    """
+
+    name: str
+    jitter: tuple[float, float, float, float] | None = None
+    jitter_p: float = 0.0
+    grayscale_p: float = 0.0
+    grayscale_first: bool = False  # MoCo v1 applies RandomGrayscale before ColorJitter
+    blur_p: float = 0.0  # Gaussian blur (switched off by data.blur=false for tiny images)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    crop_scale: tuple[float, float] | None = None
+
+    @property
+    def has_colour(self) -> bool:
+        """Whether anything runs after the crop and flip (what --gpu-augment moves to the GPU)."""
+        return self.jitter is not None or self.grayscale_p > 0 or self.blur_p > 0
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        # He et al. 2020 (MoCo v1): crop, grayscale 0.2, ColorJitter(0.4, 0.4, 0.4, 0.4), flip
+        Recipe("moco-v1", jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, grayscale_p=0.2,
+               grayscale_first=True),
+        # Chen et al. 2020 (MoCo v2 "aug+"): jitter(0.4, 0.4, 0.4, 0.1) p=0.8, grayscale 0.2,
+        # Gaussian blur sigma in [0.1, 2] p=0.5, flip
+        Recipe("moco-v2", jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_p=0.2,
+               blur_p=0.5),
+        # Khosla et al. 2020 (SupContrast): the same colour distortion as MoCo v2
+        Recipe("supcon", jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_p=0.2,
+               blur_p=0.5),
+        # the linear-probe protocol: RandomResizedCrop (0.08, 1) and flip only
+        Recipe("linear", crop_scale=(0.08, 1.0)),
+    )
+}  # fmt: skip
+
+
+def recipe(name: str) -> Recipe:
+    """The recipe called `name`; an unknown name is a UserError."""
+    if name not in RECIPES:
+        raise UserError(f"unknown augmentation {name!r}; choose one of {', '.join(RECIPES)}")
+    return RECIPES[name]
 
 
 def _to_normalized_tensor(cfg: DataConfig) -> list[v2.Transform]:
@@ -46,32 +106,27 @@ def _odd(k: int) -> int:
     return k if k % 2 else k + 1
 
 
+def _maybe(transform: v2.Transform, p: float) -> list[v2.Transform]:
+    """The transform with probability p (always at 1, never at 0), as the recipes write it."""
+    if p <= 0:
+        return []
+    return [transform] if p >= 1 else [v2.RandomApply([transform], p=p)]
+
+
+def _crop(cfg: DataConfig, r: Recipe) -> v2.RandomResizedCrop:
+    scale = r.crop_scale or (cfg.min_crop_scale, 1.0)
+    return v2.RandomResizedCrop(cfg.image_size, scale=scale, antialias=True)
+
+
 def train_transform(cfg: DataConfig) -> v2.Transform:
     """One random view of an RGB PIL image, per the config's recipe."""
-    size = cfg.image_size
-    crop = v2.RandomResizedCrop(size, scale=(cfg.min_crop_scale, 1.0), antialias=True)
+    r = recipe(cfg.augmentation)
+    jitter = _maybe(v2.ColorJitter(*r.jitter), r.jitter_p) if r.jitter else []
+    gray = [v2.RandomGrayscale(p=r.grayscale_p)] if r.grayscale_p > 0 else []
+    colour = [*gray, *jitter] if r.grayscale_first else [*jitter, *gray]
+    blur = _maybe(PILGaussianBlur(r.blur_sigma), r.blur_p) if cfg.blur else []
     flip: list[v2.Transform] = [v2.RandomHorizontalFlip()] if cfg.hflip else []
-    if cfg.augmentation == "moco-v1":
-        ops: list[v2.Transform] = [
-            crop,
-            v2.RandomGrayscale(p=0.2),
-            v2.ColorJitter(0.4, 0.4, 0.4, 0.4),
-            *flip,
-        ]
-    elif cfg.augmentation in ("moco-v2", "supcon"):
-        ops = [
-            crop,
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-        ]
-        if cfg.blur:
-            ops.append(v2.RandomApply([PILGaussianBlur((0.1, 2.0))], p=0.5))
-        ops.extend(flip)
-    elif cfg.augmentation == "linear":
-        ops = [v2.RandomResizedCrop(size, antialias=True), *flip]
-    else:
-        raise ValueError(f"unknown augmentation {cfg.augmentation!r}")
-    return v2.Compose(ops + _to_normalized_tensor(cfg))
+    return v2.Compose([_crop(cfg, r), *colour, *blur, *flip, *_to_normalized_tensor(cfg)])
 
 
 def eval_transform(cfg: DataConfig) -> v2.Transform:
@@ -101,20 +156,18 @@ class MultiView:
 # deterministic and independent of the worker count): identity values where a transform
 # was not drawn.
 BRIGHTNESS, CONTRAST, SATURATION, HUE, GRAY, SIGMA = range(6)
-BLUR_SIGMA_MAX = 2.0
 
 
-def _draw_view_params(cfg: DataConfig) -> torch.Tensor:
-    """One view's colour/blur parameters, as the recipe's probabilities and ranges say."""
+def draw_view_params(r: Recipe, blur: bool = True) -> torch.Tensor:
+    """One view's colour/blur parameters, drawn with the recipe's probabilities and ranges."""
     p = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
-    hue = 0.4 if cfg.augmentation == "moco-v1" else 0.1
-    jitter_p = 1.0 if cfg.augmentation == "moco-v1" else 0.8
-    if torch.rand(()) < jitter_p:
-        p[BRIGHTNESS : SATURATION + 1] = torch.empty(3).uniform_(0.6, 1.4)
-        p[HUE] = float(torch.empty(()).uniform_(-hue, hue))
-    p[GRAY] = float(torch.rand(()) < 0.2)
-    if cfg.augmentation != "moco-v1" and cfg.blur and torch.rand(()) < 0.5:
-        p[SIGMA] = float(torch.empty(()).uniform_(0.1, BLUR_SIGMA_MAX))
+    if r.jitter is not None and torch.rand(()) < r.jitter_p:
+        for i, strength in zip((BRIGHTNESS, CONTRAST, SATURATION), r.jitter[:3], strict=True):
+            p[i] = float(torch.empty(()).uniform_(max(0.0, 1 - strength), 1 + strength))
+        p[HUE] = float(torch.empty(()).uniform_(-r.jitter[3], r.jitter[3]))
+    p[GRAY] = float(torch.rand(()) < r.grayscale_p)
+    if r.blur_p > 0 and blur and torch.rand(()) < r.blur_p:
+        p[SIGMA] = float(torch.empty(()).uniform_(*r.blur_sigma))
     return p
 
 
@@ -122,18 +175,16 @@ class GeometricView:
     """The CPU half: random resized crop and flip to a uint8 tensor, plus the colour params."""
 
     def __init__(self, cfg: DataConfig) -> None:
-        if cfg.augmentation not in ("moco-v1", "moco-v2", "supcon"):
-            raise ValueError(f"no GPU augmentation for recipe {cfg.augmentation!r}")
-        self.cfg = cfg
-        ops: list[v2.Transform] = [
-            v2.RandomResizedCrop(cfg.image_size, scale=(cfg.min_crop_scale, 1.0), antialias=True)
-        ]
-        if cfg.hflip:
-            ops.append(v2.RandomHorizontalFlip())
-        self.geometric = v2.Compose([*ops, v2.ToImage()])
+        self.recipe = recipe(cfg.augmentation)
+        if not self.recipe.has_colour:
+            raise ValueError(f"recipe {cfg.augmentation!r} has nothing to run on the GPU")
+        self.blur = cfg.blur
+        flip: list[v2.Transform] = [v2.RandomHorizontalFlip()] if cfg.hflip else []
+        self.geometric = v2.Compose([_crop(cfg, self.recipe), *flip, v2.ToImage()])
 
     def __call__(self, image: object) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.geometric(image).as_subclass(torch.Tensor), _draw_view_params(self.cfg)
+        pixels = self.geometric(image).as_subclass(torch.Tensor)
+        return pixels, draw_view_params(self.recipe, self.blur)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -171,10 +222,10 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return choices.gather(0, i.unsqueeze(0).unsqueeze(2).expand(1, -1, 3, -1, -1)).squeeze(0)
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, sigma_max: float) -> torch.Tensor:
     """Separable Gaussian blur, one sigma per image (0: unchanged), reflect padding."""
     b, c, h, w = x.shape
-    radius = int(3 * BLUR_SIGMA_MAX + 0.999)
+    radius = int(3 * sigma_max + 0.999)
     offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)  # K
     s = sigma.to(x.dtype).clamp(min=1e-3).view(-1, 1)
     kernel = torch.exp(-(offsets.view(1, -1) ** 2) / (2 * s**2))  # B x K
@@ -189,23 +240,35 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def color_augment_batch(
-    images: torch.Tensor, params: torch.Tensor, mean: tuple, std: tuple
+    images: torch.Tensor,
+    params: torch.Tensor,
+    mean: tuple,
+    std: tuple,
+    r: Recipe = RECIPES["moco-v2"],
 ) -> torch.Tensor:
     """The device half: uint8 B x 3 x H x W and B x 6 params -> normalised float views.
 
     ColorJitter's four adjustments in a fixed order (torchvision draws the order per image),
-    each with torchvision's tensor formula; then grayscale, blur and normalisation.
+    each with torchvision's tensor formula; grayscale before or after them as the recipe
+    says; then blur and normalisation.
     """
     x = images.float() / 255.0
     p = params.to(x.device, x.dtype)
     col = lambda i: p[:, i].view(-1, 1, 1, 1)  # noqa: E731
+
+    def gray(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(col(GRAY) > 0, _gray(x).expand_as(x), x)
+
+    if r.grayscale_first:
+        x = gray(x)
     x = (x * col(BRIGHTNESS)).clamp(0, 1)
     m = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
     x = (col(CONTRAST) * x + (1 - col(CONTRAST)) * m).clamp(0, 1)
     x = (col(SATURATION) * x + (1 - col(SATURATION)) * _gray(x)).clamp(0, 1)
     x = _adjust_hue(x, p[:, HUE])
-    x = torch.where(col(GRAY) > 0, _gray(x).expand_as(x), x)
-    x = _gaussian_blur(x, p[:, SIGMA])
+    if not r.grayscale_first:
+        x = gray(x)
+    x = _gaussian_blur(x, p[:, SIGMA], r.blur_sigma[1])
     mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - mean_t) / std_t

@@ -1,20 +1,38 @@
-"""Checkpoints: written atomically by rank 0, loaded without running pickled code."""
+"""Checkpoints: written atomically by rank 0, loaded without running pickled code.
+
+`Checkpointer` owns when and how a run saves (`should_save`, `save`, the kept-epoch hard
+link, `save_minutes`, RNG capture) and restores: everything that resumes is a component
+with `state_dict` / `load_state_dict`, so the Trainer never builds a checkpoint dict by hand.
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from mocoserve.core.errors import UserError
+from mocoserve.train import distributed
 
 FORMAT = "mocoserve-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: position in `train_state`, the sampler's layout in `sampler`
+POSITION = ("epoch", "epoch_step", "step")
+OPTIONAL_COMPONENTS = ("sampler",)  # absent from version 1 files
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Mapping[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> Any: ...
 
 
 def rng_state() -> dict[str, Any]:
@@ -48,6 +66,18 @@ def _listify(obj: Any) -> Any:
     return obj
 
 
+def header(method: str, cfg: Any, classes: list[str] | None = None) -> dict[str, Any]:
+    """What identifies every checkpoint: format, version, method, arch, config, classes."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "method": method,
+        "arch": cfg.model.arch,
+        "config": cfg.to_dict(),
+        "classes": list(classes or []),
+    }
+
+
 def model_state(
     method: str,
     cfg: Any,
@@ -56,47 +86,62 @@ def model_state(
     epoch_step: int = 0,
     step: int = 0,
 ) -> dict[str, Any]:
-    """What every checkpoint holds: format, method, arch, config, weights and position.
+    """A checkpoint of weights and position only: enough for export and the probe.
 
-    Enough for export; the training loop adds optimizer, scaler, scheduler, rng and metrics.
+    (The Trainer's checkpoints add optimizer, scaler, scheduler, sampler, rng and metrics.)
     """
     return {
-        "format": FORMAT,
-        "version": VERSION,
-        "method": method,
-        "arch": cfg.model.arch,
-        "config": cfg.to_dict(),
+        **header(method, cfg),
         "model": module.state_dict(),
-        "epoch": epoch,
-        "epoch_step": epoch_step,
-        "step": step,
+        "train_state": {"epoch": epoch, "epoch_step": epoch_step, "step": step},
     }
 
 
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, rename: never a half-written file."""
+    """torch.save to a temp file in the same folder, fsync, rename: never a half-written file.
+
+    The file gets the mode a plain open() would give it (0o666 less the umask), not mkstemp's
+    private 0o600, so another user or a container's uid can read it where the umask says so.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
+        _fsync_dir(path.parent)
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, RuntimeError) and isinstance(e.__cause__ or e.__context__, OSError):
+            raise (e.__cause__ or e.__context__) from None  # torch.save wraps ENOSPC and friends
         raise
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it; it is put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a mocoserve checkpoint with torch.load(weights_only=True); clear errors otherwise."""
+    """Load a mocoserve checkpoint with torch.load(weights_only=True); clear errors otherwise.
+
+    A version 1 file is upgraded in memory (its position moves into `train_state`).
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
@@ -104,15 +149,26 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         # mmap: tensors are read when used, so a look at the config (prepare_config, the
         # linear probe's pretraining checkpoint) does not read hundreds of MB of weights
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
-    except Exception as e:  # torch.load raises many kinds (KeyError, UnpicklingError, ...) on junk
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a readable mocoserve checkpoint ({first[:200]})") from None
+    except pickle.UnpicklingError:
+        # never repeat torch's advice to retry with weights_only=False: that runs the payload
+        raise UserError(
+            f"{path} is not a mocoserve checkpoint: it holds pickled objects other than "
+            "tensors and plain values, which mocoserve does not load"
+        ) from None
+    except (RuntimeError, ValueError, EOFError, zipfile.BadZipFile, KeyError, OSError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # permissions and the like: the OS error, as it is
+        raise UserError(f"{path} is not a mocoserve checkpoint (not a torch.save file)") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a mocoserve checkpoint")
-    if int(ckpt.get("version", 0)) > VERSION:
+    version = int(ckpt.get("version", 0))
+    if version > VERSION:
         raise UserError(
-            f"{path} has checkpoint version {ckpt['version']}; this mocoserve reads {VERSION}"
+            f"{path} has checkpoint version {version}; this mocoserve reads up to {VERSION} "
+            "(upgrade mocoserve)"
         )
+    if version < 2:
+        ckpt["train_state"] = {k: int(ckpt.pop(k, 0)) for k in POSITION}
     return ckpt
 
 
@@ -129,3 +185,97 @@ def latest(out_dir: str | Path) -> Path | None:
         return folder / "last.pt"
     epochs = sorted(folder.glob("epoch_*.pt"))
     return epochs[-1] if epochs else None
+
+
+class Checkpointer:
+    """Saves and restores a run's components; decides when (epoch ends, every few minutes).
+
+    `components` maps checkpoint keys to objects with state_dict/load_state_dict; `position`
+    is the one whose `epoch` names kept checkpoints. `prepare` runs on every rank before a
+    save (it may be a collective, e.g. averaging BN statistics); only `writer` ranks write.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        head: dict[str, Any],
+        components: dict[str, Stateful],
+        save_every: int = 10,
+        save_minutes: float = 30.0,
+        writer: bool = True,
+        prepare: Callable[[], None] | None = None,
+    ) -> None:
+        self.folder = Path(folder)
+        self.head = head
+        self.components = components
+        self.save_every = save_every
+        self.save_minutes = save_minutes
+        self.writer = writer
+        self.prepare = prepare
+        self.last_save = time.monotonic()
+        self.pending_rng: dict[str, Any] | None = None
+
+    @property
+    def last(self) -> Path:
+        return self.folder / "last.pt"
+
+    def keeps(self, epochs_done: int, final: bool) -> bool:
+        """Whether the checkpoint at the end of this epoch is kept as epoch_NNNN.pt."""
+        return final or epochs_done % self.save_every == 0
+
+    def should_save(self, at_log: bool, device: torch.device) -> bool:
+        """Mid-epoch: save_minutes have passed; ranks agree (a collective) at log steps only."""
+        if not at_log:
+            return False
+        due = time.monotonic() - self.last_save > self.save_minutes * 60
+        return distributed.any_rank(due and self.writer, device)
+
+    def state(self, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The checkpoint as a dict: header, every component's state, RNG states, metrics."""
+        return {
+            **self.head,
+            **{name: c.state_dict() for name, c in self.components.items()},
+            "rng": rng_state(),
+            "metrics": metrics or {},
+        }
+
+    def save(self, metrics: dict[str, Any] | None = None, keep_epoch: int | None = None):
+        """Write last.pt (and epoch_NNNN.pt when `keep_epoch` is given); None on other ranks.
+
+        A failed write (a full disk) raises and leaves the previous last.pt as it was.
+        """
+        if self.prepare is not None:
+            self.prepare()
+        if not self.writer:
+            return None
+        state = self.state(metrics)
+        save_atomic(state, self.last)
+        self.last_save = time.monotonic()
+        if keep_epoch is None:
+            return self.last
+        kept = self.folder / f"epoch_{keep_epoch:04d}.pt"
+        tmp = kept.with_suffix(".pt.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(self.last, tmp)  # the same bytes as last.pt, without writing them twice
+        except OSError:
+            save_atomic(state, tmp)
+        os.replace(tmp, kept)
+        return kept
+
+    def restore(self, path: str | Path) -> dict[str, Any]:
+        """Load every component from a checkpoint; its RNG states wait for `resume_rng`."""
+        ckpt = load(path)
+        for name, component in self.components.items():
+            if name in ckpt:
+                component.load_state_dict(ckpt[name])
+            elif name not in OPTIONAL_COMPONENTS:
+                raise UserError(f"{path} has no {name} state; it cannot be resumed")
+        self.pending_rng = ckpt.get("rng")
+        return ckpt
+
+    def resume_rng(self) -> None:
+        """Put the restored RNG states back (at the start of training, after all set-up)."""
+        if self.pending_rng is not None:
+            set_rng_state(self.pending_rng)
+            self.pending_rng = None

@@ -1,24 +1,30 @@
 """Typed training configuration: one small dataclass per component, combined in `TrainConfig`.
 
-Precedence, lowest first: the method's paper defaults, a preset, a YAML file, CLI options.
-The resolved config is written to `config.yaml` and saved inside every checkpoint.
+Precedence, lowest first: the method's paper defaults (from the method registry), a preset,
+a YAML file, CLI options and `--set section.field=value`. Every value is converted by its
+field's type annotation and checked; a wrong type is a one-line UserError. The resolved
+config is written to `config.yaml` and saved inside every checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 import yaml
 
 from mocoserve.core.errors import UserError
 
-METHODS = ("moco-v1", "moco-v2", "supcon", "supcon-queue", "linear")
-PRESETS = ("cifar",)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_DEFAULT_WORKERS = 8
+DEFAULT_METHOD = "moco-v2"
 
 
 @dataclass
@@ -27,26 +33,42 @@ class DataConfig:
     val: str | None = None  # labelled folder for the k-NN monitor / linear-probe evaluation
     image_size: int = 224
     eval_resize: int | None = None  # shorter side before the centre crop; None: size * 256/224
-    augmentation: str = "moco-v2"  # moco-v1 | moco-v2 | supcon | linear
+    augmentation: str = "moco-v2"  # a recipe of augment.RECIPES; the method's by default
     blur: bool = True  # Gaussian blur in the moco-v2/supcon recipes (off for tiny images)
     hflip: bool = True  # off where mirroring changes meaning (digits, text)
     min_crop_scale: float = 0.2  # RandomResizedCrop's smallest area fraction
     gpu_augment: bool = False  # workers crop/flip only; colour jitter, gray, blur on the device
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    workers: int = 4
+    workers: int | None = None  # None: the cores this process may use, at most 8
 
     def resolved_eval_resize(self) -> int:
         if self.eval_resize is not None:
             return self.eval_resize
         return self.image_size if self.image_size <= 64 else round(self.image_size * 256 / 224)
 
+    def resolved_workers(self) -> int:
+        """Worker processes per training process: as configured, else what the machine has."""
+        if self.workers is not None:
+            return self.workers
+        return default_workers()
+
+
+def default_workers() -> int:
+    """The cores this process may use (its affinity, shared by torchrun's local processes)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(MAX_DEFAULT_WORKERS, cores // max(1, local)))
+
 
 @dataclass
 class ModelConfig:
     arch: str = "resnet50"
     small_stem: bool = False  # 3x3 stride-1 stem and no max-pool, for 32-96 px images
-    head: str = "mlp"  # linear | mlp (projection head on top of the backbone)
+    head: Literal["linear", "mlp"] = "mlp"  # projection head on top of the backbone
     dim: int = 128  # embedding dim of the head
     hidden_dim: int | None = None  # MLP hidden width; None: the backbone's feature dim
     bn_splits: int = 1  # split BatchNorm in one process (simulates multi-GPU BN statistics)
@@ -54,13 +76,13 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "moco-v2"
+    name: str = DEFAULT_METHOD  # a method of methods.METHODS
     temperature: float = 0.2
     queue_size: int = 65536
     momentum: float = 0.999  # momentum encoder update, m in the MoCo paper's eq. (2)
     shuffle_bn: bool = True
     base_temperature: float = 0.07  # SupCon only
-    contrast_mode: str = "all"  # SupCon only: all | one
+    contrast_mode: Literal["all", "one"] = "all"  # SupCon anchors
     pretrained: str | None = None  # linear probe only: the pretraining checkpoint
 
 
@@ -72,7 +94,7 @@ class OptimConfig:
     lr_batch: int = 256
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    schedule: str = "cosine"  # cosine | step
+    schedule: Literal["cosine", "step"] = "cosine"
     milestones: list[int] = field(default_factory=lambda: [120, 160])  # step schedule, x0.1
     warmup_epochs: int = 0
 
@@ -81,8 +103,8 @@ class OptimConfig:
 class RunConfig:
     out: str = "runs/train"
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "bf16"  # bf16 | fp16 | fp32 (CUDA only; the CPU trains in fp32)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # CUDA only; the CPU trains in fp32
     channels_last: bool = True
     compile: bool = False
     save_every: int = 10  # epochs between kept epoch_NNNN.pt checkpoints
@@ -113,6 +135,22 @@ class TrainConfig:
         return cfg
 
 
+SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+# Presets apply to every method; a method adds its own part (MethodSpec.presets).
+PRESETS: dict[str, dict[str, Any]] = {
+    # small images, after the MoCo CIFAR-10 demo: 32 px, 3x3 stem, 8 BN splits, lr per 512
+    "cifar": {
+        "model.arch": "resnet18",
+        "model.small_stem": True,
+        "model.bn_splits": 8,
+        "data.image_size": 32,
+        "data.blur": False,
+        "optim.lr_batch": 512,
+    },
+}
+
+
 def _plain(obj: Any) -> Any:
     """Tuples to lists, so the dict round-trips through YAML and torch.load(weights_only)."""
     if isinstance(obj, dict):
@@ -123,55 +161,23 @@ def _plain(obj: Any) -> Any:
 
 
 def method_defaults(method: str) -> TrainConfig:
-    """The paper defaults of a method: MoCo v1/v2, SupCon, SupCon with a memory, lincls."""
-    if method not in METHODS:
-        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    """The paper defaults of a method, from its entry in the method registry."""
+    from mocoserve.train.methods import get_spec
+
+    spec = get_spec(method)
     cfg = TrainConfig()
-    cfg.method.name = method
-    if method == "moco-v1":  # He et al. 2020: linear head, T=0.07, step lr at 120/160
-        cfg.model.head = "linear"
-        cfg.method.temperature = 0.07
-        cfg.optim.schedule = "step"
-        cfg.data.augmentation = "moco-v1"
-    elif method == "moco-v2":  # Chen et al. 2020: MLP head, T=0.2, aug+, cosine
-        pass
-    elif method == "supcon":  # Khosla et al. 2020 (SupContrast repo): T=0.07, lr 0.05/256
-        cfg.method.temperature = 0.07
-        cfg.method.queue_size = 0
-        cfg.optim.lr = 0.05
-        cfg.data.augmentation = "supcon"
-    elif method == "supcon-queue":  # SupCon's ImageNet setup: MoCo-style memory of 8192
-        cfg.method.temperature = 0.07
-        cfg.method.queue_size = 8192
-        cfg.data.augmentation = "supcon"
-    elif method == "linear":  # MoCo lincls: frozen backbone, lr 30, no wd, steps at 60/80
-        cfg.method.queue_size = 0
-        cfg.optim.epochs = 100
-        cfg.optim.lr = 30.0
-        cfg.optim.weight_decay = 0.0
-        cfg.optim.schedule = "step"
-        cfg.optim.milestones = [60, 80]
-        cfg.data.augmentation = "linear"
+    apply_overrides(cfg, {"method.name": spec.name, **spec.defaults}, source="method default")
     return cfg
 
 
 def apply_preset(cfg: TrainConfig, preset: str) -> None:
-    """Small-image preset, after the MoCo CIFAR-10 demo (batch 512, lr 0.06, 8 BN splits)."""
+    """A preset's common settings, then the method's own part of it."""
+    from mocoserve.train.methods import get_spec
+
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    cfg.model.arch = "resnet18"
-    cfg.model.small_stem = True
-    cfg.model.bn_splits = 8
-    cfg.data.image_size = 32
-    cfg.data.blur = False
-    cfg.optim.lr = 0.06 if cfg.method.name != "linear" else cfg.optim.lr
-    cfg.optim.lr_batch = 512
-    cfg.optim.batch_size = 512 if cfg.method.name != "linear" else 256
-    cfg.optim.weight_decay = 5e-4 if cfg.method.name != "linear" else 0.0
-    if cfg.method.name in ("moco-v1", "moco-v2", "supcon-queue"):
-        cfg.method.queue_size = 4096
-        cfg.method.momentum = 0.99
-        cfg.method.temperature = 0.1
+    apply_overrides(cfg, PRESETS[preset], source="preset")
+    apply_overrides(cfg, get_spec(cfg.method.name).presets.get(preset, {}), source="preset")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -186,41 +192,117 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+@functools.cache
+def _field_types(section: type) -> dict[str, Any]:
+    return typing.get_type_hints(section)
+
+
+def field_type(key: str, source: str = "option") -> Any:
+    """The annotation of a dotted field (`optim.lr` -> float); unknown keys are errors."""
+    section_name, _, field_name = key.partition(".")
+    sections = _field_types(TrainConfig)
+    if section_name not in sections:
+        raise UserError(f"unknown {source} key {key!r}; sections are {', '.join(SECTIONS)}")
+    if not field_name:
+        raise UserError(f"{source} section {key!r} must be a mapping of its fields")
+    types_of = _field_types(sections[section_name])
+    if field_name not in types_of:
+        raise UserError(f"unknown {source} key {key!r}; {section_name} has {', '.join(types_of)}")
+    return types_of[field_name]
+
+
 def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], source: str = "option") -> None:
-    """Set dotted fields (`optim.lr`), converting to each field's type; unknown keys are errors."""
+    """Set dotted fields (`optim.lr`), converting each by its annotation; bad keys/types fail."""
     for key, value in overrides.items():
+        tp = field_type(key, source)
         section_name, _, field_name = key.partition(".")
-        section = getattr(cfg, section_name, None)
-        if section is None or not dataclasses.is_dataclass(section):
-            raise UserError(f"unknown {source} key {key!r}")
-        if not field_name:
-            raise UserError(f"{source} section {key!r} must be a mapping of its fields")
-        fields = {f.name: f for f in dataclasses.fields(section)}
-        if field_name not in fields:
-            raise UserError(f"unknown {source} key {key!r}")
-        current = getattr(section, field_name)
-        setattr(section, field_name, _coerce(value, current, key))
+        setattr(getattr(cfg, section_name), field_name, convert(value, tp, f"{source} {key}"))
 
 
-def _coerce(value: Any, current: Any, key: str) -> Any:
-    if value is None or current is None:
-        return value
-    try:
-        if isinstance(current, bool):
-            if isinstance(value, str):
-                return value.lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        if isinstance(current, int):
-            return int(value)
-        if isinstance(current, float):
-            return float(value)
-        if isinstance(current, tuple):
-            return tuple(float(v) for v in value)
-        if isinstance(current, list):
-            return [int(v) for v in value]
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{key}: cannot use {value!r} ({e})") from None
+_NAMES = {
+    bool: ("true or false", "true/false values"),
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    str: ("text", "texts"),
+}
+
+
+def _describe(tp: Any) -> str:
+    """What a value of type `tp` is, in words, for error messages."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin in (list, tuple):
+        inner = _NAMES.get(args[0], ("", "values"))[1] if args else "values"
+        n = f"{len(args)} " if origin is tuple and args and args[-1] is not Ellipsis else ""
+        return f"a list of {n}{inner}"
+    return _NAMES.get(tp, (getattr(tp, "__name__", str(tp)),))[0]
+
+
+def convert(value: Any, tp: Any, where: str) -> Any:
+    """`value` as type `tp` (int, float, bool, str, Literal, X | None, list/tuple of them).
+
+    Strict: 2.7 is not an integer, `true` is not a number, 3 is not text.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return convert(value, option, where)
+            except UserError:
+                continue
+        raise UserError(f"{where} must be {_describe(tp)}, got {value!r}")
+    ok = False
+    if origin is Literal:
+        ok = value in args
+    elif tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    elif origin in (list, tuple) and isinstance(value, (list, tuple)):
+        fixed = origin is tuple and args and args[-1] is not Ellipsis
+        if fixed and len(value) != len(args):
+            raise UserError(f"{where} must be {_describe(tp)}, got {value!r}")
+        inner = args if fixed else [args[0]] * len(value)
+        items = [convert(v, t, where) for v, t in zip(value, inner, strict=True)]
+        return tuple(items) if origin is tuple else items
+    if not ok:
+        raise UserError(f"{where} must be {_describe(tp)}, got {value!r}")
     return value
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`--set section.field=value` options -> typed overrides (values read as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--set takes section.field=value, got {item!r}")
+        tp = field_type(key, "--set")
+        try:
+            value: Any = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise UserError(f"--set {key}: cannot read {text!r}") from None
+        if _takes_text(tp) and (tp is str or value is not None):
+            value = text  # text fields take the text as it is: "123" stays "123"
+        out[key] = convert(value, tp, f"--set {key}")
+    return out
+
+
+def _takes_text(tp: Any) -> bool:
+    return tp is str or (
+        typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp)
+    )
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -231,8 +313,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not a text file") from None
     if not isinstance(data, dict):
-        raise UserError(f"{p}: expected a mapping of sections (data, model, method, optim, run)")
+        raise UserError(f"{p}: expected a mapping of sections ({', '.join(SECTIONS)})")
     return data
 
 
@@ -251,12 +335,14 @@ def build_config(
     The method is `method` if given, else the YAML file's `method.name`, else moco-v2.
     """
     from_file = flatten(load_yaml(yaml_file)) if yaml_file else {}
-    chosen = method or str(from_file.get("method.name") or "moco-v2")
-    cfg = method_defaults(chosen)
+    overrides = overrides or {}
+    chosen = method or overrides.get("method.name") or from_file.get("method.name")
+    chosen = chosen or DEFAULT_METHOD
+    cfg = method_defaults(convert(chosen, str, "method.name"))
     if preset:
         apply_preset(cfg, preset)
     apply_overrides(cfg, from_file, source="config")
-    apply_overrides(cfg, {**(overrides or {}), "method.name": chosen})
+    apply_overrides(cfg, {**overrides, "method.name": chosen})
     validate(cfg)
     return cfg
 
@@ -279,35 +365,45 @@ def get_field(cfg: TrainConfig, key: str) -> Any:
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Reject inconsistent settings with one clear message each."""
-    o, m, mo, d = cfg.optim, cfg.method, cfg.model, cfg.data
+    """Reject inconsistent settings with one clear message each; the method checks its own."""
+    from mocoserve.train.augment import recipe
+    from mocoserve.train.methods import get_spec
+
+    o, m, mo, d, r = cfg.optim, cfg.method, cfg.model, cfg.data, cfg.run
     checks = [
         (o.epochs >= 1, f"--epochs must be at least 1, got {o.epochs}"),
         (o.batch_size >= 1, f"--batch-size must be at least 1, got {o.batch_size}"),
         (o.lr > 0, f"learning rate must be positive, got {o.lr}"),
+        (o.lr_batch >= 1, f"optim.lr_batch must be at least 1, got {o.lr_batch}"),
+        (o.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}"),
         (m.temperature > 0, f"temperature must be positive, got {m.temperature}"),
+        (m.base_temperature > 0, f"base temperature must be positive, got {m.base_temperature}"),
         (0.0 <= m.momentum < 1.0, f"momentum must be in [0, 1), got {m.momentum}"),
         (m.queue_size >= 0, f"--queue-size must be >= 0, got {m.queue_size}"),
-        (
-            m.name not in ("moco-v1", "moco-v2", "supcon-queue") or m.queue_size >= 1,
-            f"{m.name} needs a queue: --queue-size must be at least 1",
-        ),
-        (m.contrast_mode in ("all", "one"), "contrast_mode must be 'all' or 'one'"),
-        (mo.head in ("linear", "mlp"), f"model.head must be 'linear' or 'mlp', got {mo.head!r}"),
+        (mo.dim >= 1, f"--dim must be at least 1, got {mo.dim}"),
         (mo.bn_splits >= 1, f"--bn-splits must be at least 1, got {mo.bn_splits}"),
         (
             o.batch_size % mo.bn_splits == 0,
             f"--batch-size {o.batch_size} is not divisible by --bn-splits {mo.bn_splits}",
         ),
         (d.image_size >= 16, f"image size must be at least 16 px, got {d.image_size}"),
-        (d.workers >= 0, f"--workers must be >= 0, got {d.workers}"),
-        (o.schedule in ("cosine", "step"), f"schedule must be cosine or step, got {o.schedule!r}"),
-        (cfg.run.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
-        (cfg.run.precision in ("bf16", "fp16", "fp32"), "precision must be bf16, fp16 or fp32"),
-        (cfg.run.save_every >= 1, "save_every must be at least 1"),
+        (
+            d.eval_resize is None or d.eval_resize >= d.image_size,
+            f"data.eval_resize ({d.eval_resize}) must be at least the image size",
+        ),
+        (0 < d.min_crop_scale <= 1, f"min_crop_scale must be in (0, 1], got {d.min_crop_scale}"),
+        (d.workers is None or d.workers >= 0, f"--workers must be >= 0, got {d.workers}"),
+        (all(s > 0 for s in d.std), f"data.std must be positive, got {list(d.std)}"),
+        (r.save_every >= 1, "save_every must be at least 1"),
+        (r.save_minutes > 0, "save_minutes must be positive"),
+        (r.knn_every >= 1, "knn_every must be at least 1"),
+        (r.knn_k >= 1, "knn_k must be at least 1"),
+        (r.knn_temperature > 0, "knn_temperature must be positive"),
+        (r.log_every >= 1, "log_every must be at least 1"),
+        (r.max_steps is None or r.max_steps >= 1, "--max-steps must be at least 1"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    if m.name == "linear" and not m.pretrained:
-        raise UserError("the linear probe needs --pretrained CHECKPOINT (a pretraining checkpoint)")
+    recipe(d.augmentation)
+    get_spec(m.name).cls.check_config(cfg)

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from mocoserve.train import distributed
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mocoserve.core.errors import UserError
 from mocoserve.core.images import IMAGE_EXTENSIONS, iter_image_files, load_rgb
+from mocoserve.train import distributed
 
 
 @dataclass
@@ -130,10 +130,44 @@ class EpochSampler(Sampler):
         self.batches_per_epoch = n // (batch_size * self.world)
         self.epoch = 0
         self.skip_batches = 0
+        self.saved_layout: dict[str, int] | None = None
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch = epoch
         self.skip_batches = skip_batches
+
+    def state_dict(self) -> dict[str, int]:
+        """The layout a saved mid-epoch position counts its batches in."""
+        return {"seed": self.seed, "n": self.n, "global_batch": self.global_batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.saved_layout = {k: int(v) for k, v in state.items()}
+
+    def resume_position(self, epoch_step: int) -> tuple[int, str | None]:
+        """Batches of this layout that `epoch_step` saved batches cover, and a note if inexact.
+
+        Same layout: the same number, and the epoch resumes exactly. Another global batch
+        (a different number of processes): the epoch continues after the same samples,
+        rounded down to a whole batch. Another dataset size or seed: a new order.
+        """
+        saved = self.saved_layout
+        if saved is None or epoch_step == 0:
+            return epoch_step, None
+        note = None
+        if (saved["n"], saved["seed"]) != (self.n, self.seed):
+            note = "the folder or seed changed since the checkpoint: the epoch goes on reordered"
+        samples = epoch_step * saved["global_batch"]
+        skip = min(samples // self.global_batch, self.batches_per_epoch)
+        if saved["global_batch"] != self.global_batch:
+            note = (
+                f"the global batch changed ({saved['global_batch']} -> {self.global_batch}): "
+                f"the epoch goes on after {skip * self.global_batch} of its {samples} samples done"
+            )
+        return skip, note
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.shuffle:

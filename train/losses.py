@@ -8,7 +8,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from mocoserve.train import distributed
+
+
+def info_nce_logits(
+    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """MoCo's logits: each query against its own key (column 0) and the K queued keys.
+
+    q, k: N x D, queue: K x D, all L2-normalised; returns N x (1+K), divided by T.
+    """
+    l_pos = torch.einsum("nd,nd->n", q, k).unsqueeze(-1)  # N x 1
+    l_neg = torch.einsum("nd,kd->nk", q, queue)  # N x K
+    return torch.cat([l_pos, l_neg], dim=1) / temperature  # N x (1+K)
 
 
 def info_nce(
@@ -19,11 +32,22 @@ def info_nce(
     q, k: N x D, queue: K x D, all L2-normalised; k and queue carry no gradient.
     Cross-entropy over N x (1+K) logits with the positive first.
     """
-    l_pos = torch.einsum("nd,nd->n", q, k).unsqueeze(-1)  # N x 1
-    l_neg = torch.einsum("nd,kd->nk", q, queue)  # N x K
-    logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # N x (1+K)
+    logits = info_nce_logits(q, k, queue, temperature)
     targets = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     return F.cross_entropy(logits, targets)
+
+
+@torch.no_grad()
+def positive_rank_accuracy(
+    logits: torch.Tensor, ks: tuple[int, ...] = (1, 5)
+) -> list[torch.Tensor]:
+    """Percent of rows whose positive (column 0) ranks in the top k, for each k (MoCo's Acc@k).
+
+    A free health signal of contrastive training: chance is k / (1+K). Stays on the device.
+    """
+    positive = logits[:, :1]  # N x 1
+    rank = (logits[:, 1:] > positive).sum(dim=1)  # N: negatives scoring above the positive
+    return [(rank < k).float().mean() * 100.0 for k in ks]
 
 
 def _supcon(

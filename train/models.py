@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 import torchvision
-from mocoserve.train.config import ModelConfig
 from torch import nn
 
 from mocoserve.core.errors import UserError
+
+if TYPE_CHECKING:
+    from mocoserve.train.config import ModelConfig
 
 
 class SplitBatchNorm(nn.BatchNorm2d):

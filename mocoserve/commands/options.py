@@ -10,7 +10,7 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from mocoserve.core.errors import UserError
+from mocoserve.core.errors import RunError, UserError
 
 T = TypeVar("T")
 
@@ -43,20 +43,43 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def one_line(message: str) -> str:
+    """A message fit for one line; an error re-raised from a DataLoader worker gets its own text.
+
+    torch wraps a worker's exception as "Caught UserError in DataLoader worker process 0.
+    Original Traceback ..."; the last line of that traceback holds the original message.
+    """
+    lines = [ln for ln in message.strip().splitlines() if ln.strip()]
+    if not lines:
+        return message
+    if "Original Traceback" in message and ": " in lines[-1]:
+        return lines[-1].split(": ", 1)[1]
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ({lines[-1].strip()})"
+
+
+def _say(message: str) -> None:
+    if _is_main_process():
+        print(f"error: {one_line(message)}", file=sys.stderr)
+
+
 def guarded(fn: Callable[[], T]) -> T:
-    """Run a command's work; a UserError becomes one line on stderr and exit code 2."""
+    """Run a command's work; what goes wrong is one line on stderr and an exit code.
+
+    UserError: 2. RunError and operating-system errors (permissions, a full disk): 1.
+    Ctrl-C: 130.
+    """
     try:
         return fn()
     except UserError as e:
-        if _is_main_process():
-            print(f"error: {e}", file=sys.stderr)
+        _say(str(e))
         raise typer.Exit(e.exit_code) from None
-    except OSError as e:  # permissions, a full disk: a sentence, not a traceback
-        if _is_main_process():
-            where = f": {e.filename}" if e.filename else ""
-            print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+    except RunError as e:
+        _say(str(e))
+        raise typer.Exit(e.exit_code) from None
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        _say(f"{e.strerror or e}{where}")
         raise typer.Exit(1) from None
-    except FloatingPointError as e:
-        if _is_main_process():
-            print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        _say("interrupted")
+        raise typer.Exit(130) from None

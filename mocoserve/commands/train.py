@@ -35,7 +35,20 @@ ResumeOpt = Annotated[
     ),
 ]
 LrOpt = Annotated[
-    float | None, typer.Option("--lr", help="Learning rate per --lr-batch images (default 256).")
+    float | None,
+    typer.Option(
+        "--lr",
+        help="Learning rate at optim.lr_batch images per step (256), scaled linearly with "
+        "the global batch.",
+    ),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Any config field: --set section.field=value (repeatable), e.g. --set "
+        "optim.warmup_epochs=10 --set data.mean=[0.5,0.5,0.5]. See the YAML sections.",
+    ),
 ]
 
 
@@ -47,7 +60,7 @@ def _fit(
     resume: str | None,
 ) -> None:
     from mocoserve.train import distributed
-    from mocoserve.train.loop import fit, prepare_config
+    from mocoserve.train.trainer import fit, prepare_config
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
     cfg, ckpt = prepare_config(method, preset, str(config) if config else None, overrides, resume)
@@ -72,7 +85,7 @@ def train(
     data: DataArg,
     method: Annotated[
         str | None,
-        typer.Option("--method", "-m", help="moco-v1 | moco-v2 | supcon | supcon-queue | linear."),
+        typer.Option("--method", help="moco-v1 | moco-v2 | supcon | supcon-queue | linear."),
     ] = None,
     arch: Annotated[
         str | None, typer.Option("--arch", "-a", help="torchvision ResNet: resnet18, resnet50, ...")
@@ -96,7 +109,10 @@ def train(
     workers: WorkersOpt = None,
     config: ConfigOpt = None,
     lr: LrOpt = None,
-    temperature: Annotated[float | None, typer.Option("--temperature", "-T")] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option("--temperature", "-T", help="Softmax temperature of the contrastive loss."),
+    ] = None,
     momentum: Annotated[
         float | None, typer.Option("--moco-m", help="Momentum of the key encoder (0.999).")
     ] = None,
@@ -130,13 +146,20 @@ def train(
             help="Colour jitter, grayscale and blur batched on the device; workers only crop.",
         ),
     ] = None,
+    settings: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Pretrain an image encoder (MoCo v1/v2, SupCon, SupCon with a queue) on an image folder.
 
     Under `torchrun --nproc_per_node N -m mocoserve train ...` it trains with DDP.
     """
-    overrides = {
+
+    def work() -> None:
+        from mocoserve.train.config import parse_set
+
+        _fit(method, preset, config, {**options, **parse_set(settings or [])}, resume)
+
+    options = {
         "data.root": str(data),
         "data.val": str(val) if val else None,
         "data.workers": workers,
@@ -163,7 +186,7 @@ def train(
         "run.max_steps": max_steps,
         "run.progress": False if quiet else None,
     }
-    guarded(lambda: _fit(method, preset, config, overrides, resume))
+    guarded(work)
 
 
 @app.command()
@@ -182,6 +205,7 @@ def lincls(
     device: DeviceOpt = None,
     workers: WorkersOpt = None,
     config: ConfigOpt = None,
+    settings: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Linear probe (MoCo protocol): train a linear classifier on a frozen pretrained backbone."""
@@ -199,5 +223,6 @@ def lincls(
         device=device,
         workers=workers,
         config=config,
+        settings=settings,
         quiet=quiet,
     )
