@@ -1,10 +1,15 @@
-"""What the app does, without Gradio: search an index with an image, pick a random one.
+"""What the app does, without Gradio: search an index by image or by indexed id, thumbnails.
 
 Plain functions and a small class, so tests call them directly; ui.py only wires them up.
+No value from a client is ever used as a path: results carry indexed ids, and an id is
+resolved through the index's sidecar (`thumbnail`, `search_id`).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
 import os
 import random
 import threading
@@ -12,13 +17,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from mocoserve.core.errors import UserError
-from mocoserve.index import ImageIndex
+from mocoserve.core.images import decode_image
+from mocoserve.index import Hit, ImageIndex
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_K = 100
+THUMBNAIL_PX = 320
+log = logging.getLogger("mocoserve.app")
 
 
 class SearchError(Exception):
@@ -27,13 +35,12 @@ class SearchError(Exception):
 
 @dataclass(frozen=True)
 class Result:
-    """One similar image, as the app shows it."""
+    """One similar image, as the app shows it: its id, file name, score and label."""
 
-    path: str
+    id: int
     name: str
     score: float
     label: str | None
-    id: int
 
     @property
     def caption(self) -> str:
@@ -41,19 +48,23 @@ class Result:
         return f"{self.score:.3f}{label} · {self.name}"
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON for the API; `file`, not `path`: Gradio treats any {"path": ...} as a file."""
-        d = asdict(self)
-        d["file"] = d.pop("path")
-        return d
+        """JSON for the API: no server path, only what identifies the item in this index."""
+        return asdict(self)
 
 
-def indexed_roots(paths: list[str]) -> list[str]:
-    """The fewest folders that hold every indexed file (what the app may serve)."""
-    roots: list[str] = []
-    for folder in sorted({os.path.dirname(p) for p in paths}):
-        if not roots or not (folder == roots[-1] or folder.startswith(roots[-1] + os.sep)):
-            roots.append(folder)
-    return roots
+def check_k(k: Any) -> int:
+    """k from a client: a whole number from 1 to MAX_K, else a SearchError sentence."""
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k):
+        raise SearchError(f"k must be a number between 1 and {MAX_K}.")
+    if k != int(k) or not 1 <= k <= MAX_K:
+        raise SearchError(f"k must be a whole number between 1 and {MAX_K}.")
+    return int(k)
+
+
+def _placeholder(size: int, text: str) -> Image.Image:
+    image = Image.new("RGB", (size, size), (200, 200, 200))
+    ImageDraw.Draw(image).text((8, size // 2 - 6), text, fill=(80, 80, 80))
+    return image
 
 
 class Searcher:
@@ -63,8 +74,7 @@ class Searcher:
         self.index = index
         self.max_upload_bytes = max_upload_bytes
         self._lock = threading.Lock()  # one SQLite connection and one FAISS index
-        self.paths = index.sidecar.paths()
-        self.roots = indexed_roots(self.paths)
+        self.ids = [int(i) for i in index.sidecar.ids()]
         self.labels = index.sidecar.labels()
         info = index.info()
         self.facts = {
@@ -74,18 +84,26 @@ class Searcher:
             "index": info["factory"],
             "device": f"{index.encoder.provider} · FAISS {info['search_device']}",
         }
+        self.thumbnail = functools.lru_cache(maxsize=2048)(self._thumbnail)
 
-    def search(self, image: str | Path | Image.Image | None, k: int, label: str | None = None):
-        """The k most similar indexed images to `image` (a file path or a PIL image)."""
+    def check_label(self, label: Any) -> str | None:
+        """A label filter from a client: none, or one of the index's labels."""
+        if label in (None, ""):
+            return None
+        if not isinstance(label, str) or label not in self.labels:
+            raise SearchError("That label is not in the index.")
+        return label
+
+    def _results(self, hits: list[Hit]) -> list[Result]:
+        return [Result(h.id, os.path.basename(h.path), h.score, h.label) for h in hits]
+
+    def search(self, image: str | Path | Image.Image | None, k: Any, label: Any = None):
+        """The k most similar indexed images to `image` (an uploaded file or a PIL image)."""
         if image is None or image == "":
             raise SearchError("Upload or paste an image first (or pick a random indexed one).")
+        k, label = check_k(k), self.check_label(label)
         if len(self.index) == 0:
             raise SearchError("The index is empty: embed some images into it first.")
-        k = int(k)
-        if not 1 <= k <= MAX_K:
-            raise SearchError(f"k must be between 1 and {MAX_K}.")
-        if label in ("", None) or label not in self.labels:
-            label = None
         if not isinstance(image, Image.Image):
             path = Path(image)
             if not path.is_file():
@@ -100,13 +118,45 @@ class Searcher:
             raise SearchError(f"That file cannot be used: {reason}.") from None
         with self._lock:
             hits = self.index.search_vectors(vectors, k, label)[0]
-        return [Result(h.path, os.path.basename(h.path), h.score, h.label, h.id) for h in hits]
+        return self._results(hits)
 
-    def random_path(self, seed: int | None = None) -> str:
-        """An indexed image, at random."""
-        if not self.paths:
+    def search_id(self, item_id: Any, k: Any, label: Any = None) -> list[Result]:
+        """The k most similar indexed images to the indexed image `item_id` (its stored vector)."""
+        k, label = check_k(k), self.check_label(label)
+        if isinstance(item_id, bool) or not isinstance(item_id, int):
+            raise SearchError("That is not an indexed image.")
+        with self._lock:
+            try:
+                hits = self.index.search_ids([item_id], k, label)[0]
+            except UserError:
+                raise SearchError("That is not an indexed image.") from None
+        return self._results(hits)
+
+    def random_id(self, seed: int | None = None) -> int:
+        """An indexed image's id, at random."""
+        if not self.ids:
             raise SearchError("The index is empty: embed some images into it first.")
-        return random.Random(seed).choice(self.paths)
+        return random.Random(seed).choice(self.ids)
+
+    def _thumbnail(self, item_id: int, size: int = THUMBNAIL_PX) -> Image.Image:
+        """The indexed image `item_id`, decoded by mocoserve and shrunk to `size` px at most.
+
+        The path comes from the sidecar, never from a client; a file that is gone or no
+        longer decodes shows as a grey square.
+        """
+        with self._lock:
+            item = self.index.items([item_id]).get(item_id)
+        if item is None:
+            raise SearchError("That is not an indexed image.")
+        try:
+            if not os.path.isfile(item.path):
+                return _placeholder(size, "missing")
+            image, _ = decode_image(item.path, draft_size=size)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            log.warning("thumbnail of item %d: %s", item_id, type(e).__name__)
+            return _placeholder(size, "unreadable")
+        image.thumbnail((size, size))
+        return image
 
     def header(self) -> str:
         f = self.facts

@@ -30,7 +30,7 @@ from mocoserve import vectors as vec
 from mocoserve.core.errors import UserError
 from mocoserve.decode import Decoded, decode_file, decode_files
 from mocoserve.model import PackageEncoder, load, resize_crop, sha256_file, to_input
-from mocoserve.sidecar import NewItem, Sidecar
+from mocoserve.sidecar import Item, NewItem, Sidecar
 
 ProgressFn = Callable[[int], None]
 
@@ -242,6 +242,33 @@ class ImageIndex:
                 ]
             )
         return flagged
+
+    def items(self, ids: Sequence[int]) -> dict[int, Item]:
+        """id -> Item (path, label, sha256, size...) for the ids that are in the index."""
+        return self.sidecar.items(ids)
+
+    def vectors_of(self, ids: Sequence[int]) -> np.ndarray:
+        """The stored vectors of these ids, in the order given; an unknown id is a UserError."""
+        wanted = np.asarray(ids, dtype=np.int64).reshape(-1)
+        found: dict[int, np.ndarray] = {}
+        for block_ids, block in self.sidecar.vectors(np.unique(wanted)):
+            found.update(zip(block_ids.tolist(), block, strict=True))
+        missing = [int(i) for i in wanted if int(i) not in found]
+        if missing:
+            raise UserError(f"no item with id {missing[0]} in {self.path}")
+        if len(wanted) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.stack([found[int(i)] for i in wanted]).astype(np.float32, copy=False)
+
+    def search_ids(
+        self, ids: Sequence[int], k: int = 10, label: str | None = None
+    ) -> list[list[Hit]]:
+        """Nearest items to indexed items (by their stored vectors); each item's own hit flagged."""
+        results = self.search_vectors(self.vectors_of(ids), k, label)
+        return [
+            [Hit(**{**h.to_dict(), "is_query": h.id == int(own)}) for h in hits]
+            for own, hits in zip(ids, results, strict=True)
+        ]
 
     # changes
     def add(

@@ -38,9 +38,14 @@ def app_command(
     """Start the similar-image-search web app on an index."""
 
     def work() -> None:
+        import logging
+
         import mocoserve.index
         from mocoserve.app.search import Searcher
         from mocoserve.app.ui import build_app, launch_options
+
+        logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+        logging.getLogger("mocoserve").setLevel(logging.INFO)
 
         credentials = None
         if auth is not None:
