@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -23,9 +24,13 @@ from torch import nn
 
 from mocoserve import __version__
 from mocoserve.core.errors import UserError
+from mocoserve.core.files import fsync_dir, fsync_file, public_mode
 from mocoserve.core.manifest import (
+    MANIFEST_FILE,
     ONNX_FILE,
     ONNX_FP16_FILE,
+    PACKAGE_FILES,
+    SPEC_KEY,
     TORCHSCRIPT_FILE,
     Manifest,
     Preprocess,
@@ -38,6 +43,8 @@ from mocoserve.train.methods import get_spec
 from mocoserve.train.models import Encoder
 
 PARITY_BATCH_SIZES = (1, 2, 7, 64)
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 4096
+MIN_OPSET, MAX_OPSET = 18, 23  # the dynamo exporter's range
 MIN_COSINE = 0.9999
 MIN_COSINE_FP16 = 0.999
 FORMATS = ("onnx", "torchscript")
@@ -67,7 +74,7 @@ class HalfPrecision(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = copy.deepcopy(model).half()
+        self.model = copy.deepcopy(model).half().eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images.half()).float()
@@ -120,7 +127,8 @@ def _parity(run: Any, reference: nn.Module, size: int, seed: int = 0) -> dict[st
     return {"max_abs_diff": worst_diff, "min_cosine": worst_cos}
 
 
-def _export_onnx(model: nn.Module, path: Path, size: int, opset: int) -> None:
+def _export_onnx(model: nn.Module, path: Path, size: int, opset: int, spec: str) -> None:
+    """ONNX with a dynamic batch axis; the manifest's spec rides along in metadata_props."""
     import onnx
 
     example = (torch.rand(2, 3, size, size),)
@@ -137,14 +145,19 @@ def _export_onnx(model: nn.Module, path: Path, size: int, opset: int) -> None:
         verbose=False,
     )
     program.save(str(path))
+    proto = onnx.load(str(path))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = SPEC_KEY, spec
+    onnx.save(proto, str(path))
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
 
-def _export_torchscript(model: nn.Module, path: Path, size: int) -> None:
+def _export_torchscript(model: nn.Module, path: Path, size: int, spec: str) -> None:
+    """Traced and frozen TorchScript; the manifest's spec rides along as an extra file."""
     example = torch.rand(2, 3, size, size)
     with torch.no_grad(), quiet_torchscript():
         traced = torch.jit.freeze(torch.jit.trace(model, example).eval())
-    traced.save(str(path))
+    traced.save(str(path), _extra_files={SPEC_KEY: spec})
 
 
 def export_checkpoint(
@@ -164,8 +177,16 @@ def export_checkpoint(
         raise UserError(f"--format takes {', '.join(FORMATS)}; got {', '.join(formats)}")
     if fp16 and "onnx" not in formats:
         raise UserError("--fp16 makes an fp16 ONNX file; keep onnx in --format")
+    if input_size is not None and not MIN_INPUT_SIZE <= input_size <= MAX_INPUT_SIZE:
+        raise UserError(
+            f"--input-size must be from {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE} px, got {input_size}"
+        )
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UserError(f"--opset must be from {MIN_OPSET} to {MAX_OPSET}, got {opset}")
     ckpt_path, out = Path(ckpt_path), Path(out)
-    if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; --out takes a package folder")
+    if out.exists() and not (out / MANIFEST_FILE).is_file() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not a model package; choose another --out")
     ckpt = checkpoint.load(ckpt_path)
     reference, cfg = embedding_model(ckpt, output)
@@ -176,18 +197,45 @@ def export_checkpoint(
         image_size=size,
         eval_resize=cfg.data.eval_resize if size == cfg.data.image_size else None,
     )
+    with torch.no_grad():
+        dim = int(reference(torch.rand(1, 3, size, size)).shape[1])
+    position = ckpt["train_state"]
+    manifest = Manifest(
+        embedding_dim=dim,
+        input_size=size,
+        preprocess=Preprocess(
+            resize=eval_data.resolved_eval_resize(),
+            crop=size,
+            mean=list(cfg.data.mean),
+            std=list(cfg.data.std),
+        ),
+        output=output,
+        files={},
+        source={
+            "method": cfg.method.name,
+            "arch": cfg.model.arch,
+            "epochs": int(position["epoch"]),
+            "step": int(position["step"]),
+            "checkpoint": ckpt_path.name,
+            "checkpoint_sha256": sha256_file(ckpt_path),
+            "config": cfg.to_dict(),
+        },
+        created_by=f"mocoserve {__version__}",
+    )
+    spec = json.dumps(manifest.spec(), sort_keys=True)
     folded = fold_batchnorm(reference)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(staging, public_mode(directory=True))  # mkdtemp's 0o700 would become the package's
     try:
-        files: dict[str, dict[str, Any]] = {}
+        files = manifest.files
         parity: dict[str, Any] = {"batch_sizes": list(PARITY_BATCH_SIZES)}
         if "onnx" in formats:
             import onnxruntime as ort
 
             path = staging / ONNX_FILE
-            _export_onnx(folded, path, size, opset)
+            _export_onnx(folded, path, size, opset, spec)
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             parity["onnx"] = _parity(lambda x: session.run(None, {"images": x})[0], reference, size)
             files[path.name] = {
@@ -199,7 +247,7 @@ def export_checkpoint(
             import onnxruntime as ort
 
             path = staging / ONNX_FP16_FILE
-            _export_onnx(HalfPrecision(folded), path, size, opset)
+            _export_onnx(HalfPrecision(folded), path, size, opset, spec)
             session16 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             parity["onnx_fp16"] = _parity(
                 lambda x: session16.run(None, {"images": x})[0], reference, size
@@ -212,7 +260,7 @@ def export_checkpoint(
             }
         if "torchscript" in formats:
             path = staging / TORCHSCRIPT_FILE
-            _export_torchscript(folded, path, size)
+            _export_torchscript(folded, path, size, spec)
             with quiet_torchscript():
                 scripted = torch.jit.load(str(path))
 
@@ -229,48 +277,41 @@ def export_checkpoint(
                     f"{name} export does not match PyTorch: min cosine "
                     f"{parity[name]['min_cosine']:.6f} < {bar}"
                 )
-        with torch.no_grad():
-            dim = int(reference(torch.rand(1, 3, size, size)).shape[1])
-        manifest = Manifest(
-            embedding_dim=dim,
-            input_size=size,
-            preprocess=Preprocess(
-                resize=eval_data.resolved_eval_resize(),
-                crop=size,
-                mean=list(cfg.data.mean),
-                std=list(cfg.data.std),
-            ),
-            output=output,
-            files=files,
-            parity=parity,
-            source={
-                "method": cfg.method.name,
-                "arch": cfg.model.arch,
-                "epochs": int(ckpt["train_state"]["epoch"]),
-                "step": int(ckpt["train_state"]["step"]),
-                "checkpoint": ckpt_path.name,
-                "checkpoint_sha256": sha256_file(ckpt_path),
-                "config": cfg.to_dict(),
-            },
-            created_by=f"mocoserve {__version__}",
-        )
+        manifest.parity = parity
         manifest.write(staging)
-        _replace_dir(staging, out)
+        _install(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ExportResult(out, manifest)
 
 
-def _replace_dir(staging: Path, out: Path) -> None:
-    """Move the finished package into place; an older package at `out` goes only after."""
+def _install(staging: Path, out: Path) -> None:
+    """Move the finished package into place without touching anything else in `out`.
+
+    A new folder, or one that holds only a package, is swapped whole (an atomic rename). A
+    folder that also holds the user's files gets only the package's own files replaced:
+    encoders first, the manifest last, then stale encoders removed; a crash in between
+    leaves the old package or one whose sha256s do not match (the loader refuses it), never
+    a mix it accepts, and never a lost file of the user's.
+    """
     for f in staging.iterdir():
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
-    if out.exists():
+        fsync_file(f)
+    if not out.exists():
+        os.replace(staging, out)
+        fsync_dir(out.parent)
+        return
+    if all(p.name in PACKAGE_FILES for p in out.iterdir()):
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
         os.replace(out, old / "package")
         os.replace(staging, out)
+        fsync_dir(out.parent)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, out)
+        return
+    written = {f.name for f in staging.iterdir()}
+    for name in sorted(written - {MANIFEST_FILE}) + [MANIFEST_FILE]:
+        os.replace(staging / name, out / name)
+    for name in set(PACKAGE_FILES) - written:
+        (out / name).unlink(missing_ok=True)
+    fsync_dir(out)
+    staging.rmdir()

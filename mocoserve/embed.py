@@ -17,6 +17,7 @@ from mocoserve import index as index_mod
 from mocoserve.core.errors import UserError
 from mocoserve.core.images import iter_image_files
 from mocoserve.decode import default_workers
+from mocoserve.model import load
 from mocoserve.vectors import FLAT_LIMIT
 
 
@@ -30,6 +31,7 @@ class EmbedSummary:
     removed: int = 0
     relabelled: int = 0
     total: int = 0
+    labelled: int = 0
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
     factory: str = ""
@@ -86,7 +88,7 @@ def embed_folders(
     batch_size: int = 64,
     workers: int | None = None,
     index_type: str | None = None,
-    labels_from_folders: bool = False,
+    labels_from_folders: bool | None = None,
     device: str = "auto",
     backend: str = "auto",
     flat_limit: int = FLAT_LIMIT,
@@ -96,6 +98,8 @@ def embed_folders(
     """Embed every image under `roots` into the index at `index_path` (created if new).
 
     `index_type` None keeps the type the index was made with (auto for a new one).
+    `labels_from_folders` None keeps how the index was labelled (its sidecar remembers):
+    True labels every item by its top-level folder, False drops the labels.
 
     `on_start(todo, provider)` and `on_progress(n)` drive a progress bar.
     """
@@ -112,14 +116,22 @@ def embed_folders(
             f"{index_path} exists and is not an index made by embed (no "
             f"{index_mod.sidecar_path(index_path).name}); choose another --index"
         )
+    if labels_from_folders is None:
+        labels_from_folders = index_mod.labelled_by_folders(index_path)
     files = scan(roots, labels_from_folders)
     abs_roots = [os.path.abspath(r) for r in roots]
+    # the package is verified (sha256s, its manifest against the model) before any file of
+    # the index is written: a bad package leaves nothing behind
+    loaded = load(model, backend, device) if model is not None else None
     with index_mod.writer_lock(index_path):
         idx = index_mod.open(index_path, model, device, backend, create=True, flat_limit=flat_limit)
         try:
-            encoder = idx.encoder  # loads and checks the model before any work
+            if loaded is not None:
+                idx.attach(loaded)
+            encoder = idx.encoder
             if index_type is not None:
                 idx.set_index_type(index_type, len(files))
+            idx.sidecar.set_meta({"labels": "folders" if labels_from_folders else "none"})
             summary = EmbedSummary(provider=encoder.provider, repaired=idx.repaired)
             known = idx.sidecar.stats()
             present = {f.path for f in files}
@@ -153,6 +165,7 @@ def embed_folders(
             idx.save()
             meta = idx.sidecar.meta()
             summary.total = len(idx)
+            summary.labelled = idx.sidecar.labelled()
             summary.failures = idx.sidecar.failures()
             summary.factory = meta.get("factory", "Flat")
             summary.nprobe = int(meta["nprobe"]) if meta.get("nprobe") else None

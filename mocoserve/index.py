@@ -70,6 +70,20 @@ def model_fingerprint(model_dir: str | Path) -> str:
     return sha256_file(Path(model_dir) / "manifest.json")
 
 
+def labelled_by_folders(index_path: str | Path) -> bool:
+    """Whether an existing index was labelled from folder names (False for a new one)."""
+    db = sidecar_path(index_path)
+    if not db.is_file():
+        return False
+    sidecar = Sidecar(db, readonly=True)
+    try:
+        return sidecar.get_meta("labels") == "folders" or (
+            sidecar.get_meta("labels") is None and bool(sidecar.labels())
+        )
+    finally:
+        sidecar.close()
+
+
 @contextmanager
 def writer_lock(index_path: str | Path):
     """One writer per index: a second `embed` on the same index fails fast."""
@@ -148,6 +162,11 @@ class ImageIndex:
             self._check_model(model_fingerprint(self.model_dir), encoder.embedding_dim)
             self._encoder = encoder
         return self._encoder
+
+    def attach(self, encoder: PackageEncoder) -> None:
+        """Use an already loaded (and verified) package; it must be the index's model."""
+        self._check_model(model_fingerprint(encoder.path), encoder.embedding_dim)
+        self._encoder = encoder
 
     def info(self) -> dict[str, Any]:
         """Facts for headers and reports."""

@@ -16,6 +16,7 @@ from mocoserve.core.errors import UserError
 from mocoserve.core.manifest import (
     BACKEND_FILES,
     ONNX_FP16_FILE,
+    SPEC_KEY,
     Manifest,
     sha256_file,
 )
@@ -29,12 +30,28 @@ def read_manifest(path: str | Path) -> Manifest:
     return Manifest.read(path)
 
 
-def file_status(folder: str | Path, entry: dict[str, Any], name: str) -> str:
-    """'sha256 ok', 'missing' or 'sha256 MISMATCH' for one file of a package."""
+def file_status(folder: str | Path, manifest: Manifest, name: str) -> str:
+    """One file of a package checked: 'ok', or what is wrong (missing, sha256, the manifest).
+
+    A file whose sha256 matches is also checked against the manifest's description of it
+    (the spec baked in at export, and its input/output shapes): an edited manifest shows.
+    """
     path = Path(folder) / name
     if not path.is_file():
-        return "missing"
-    return "sha256 ok" if sha256_file(path) == entry.get("sha256") else "sha256 MISMATCH"
+        return "MISSING"
+    if sha256_file(path) != manifest.files[name].get("sha256"):
+        return "sha256 MISMATCH (changed or damaged)"
+    try:
+        if name.endswith(".onnx"):
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            check_onnx(manifest, session, name)
+        else:
+            _load_torchscript(Path(folder), manifest, path, "cpu")
+    except UserError as e:
+        return f"MISMATCH: {e}"
+    return "ok"
 
 
 def _verify(folder: Path, manifest: Manifest, name: str) -> Path:
@@ -145,6 +162,13 @@ def _cuda_driver_present() -> bool:
     return True
 
 
+def check_onnx(manifest: Manifest, session: Any, name: str) -> None:
+    """The ONNX model's baked-in spec and its declared shapes against the manifest."""
+    embedded = session.get_modelmeta().custom_metadata_map.get(SPEC_KEY)
+    manifest.check_spec(embedded, name)
+    manifest.check_shapes(session.get_inputs()[0].shape, session.get_outputs()[0].shape, name)
+
+
 def _load_onnx(folder: Path, manifest: Manifest, file: Path, device: str) -> PackageEncoder:
     import onnxruntime as ort
 
@@ -158,6 +182,7 @@ def _load_onnx(folder: Path, manifest: Manifest, file: Path, device: str) -> Pac
     # Idle ORT threads would otherwise spin between batches, starving the decoder processes.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(file), options, providers=providers)
+    check_onnx(manifest, session, file.name)
     active = session.get_providers()[0]
     if device == "cuda" and active != "CUDAExecutionProvider":
         raise UserError("device cuda was asked for, but ONNX Runtime's CUDA provider is not active")
@@ -179,8 +204,21 @@ def _load_torchscript(folder: Path, manifest: Manifest, file: Path, device: str)
     if use_cuda and not torch.cuda.is_available():
         raise UserError("device cuda was asked for, but no CUDA GPU is available")
     dev = torch.device("cuda" if use_cuda else "cpu")
+    extra = {SPEC_KEY: ""}
     with quiet_torchscript():
-        module = torch.jit.load(str(file), map_location=dev).eval()
+        module = torch.jit.load(str(file), map_location=dev, _extra_files=extra).eval()
+    if extra[SPEC_KEY]:
+        manifest.check_spec(extra[SPEC_KEY], file.name)
+    else:  # a package from before specs were baked in: one image through it tells the shapes
+        s = manifest.input_size
+        try:
+            with torch.no_grad():
+                dims = list(module(torch.zeros(1, 3, s, s, device=dev)).shape)
+        except RuntimeError:
+            raise UserError(
+                f"{file.name} does not take {s} x {s} images, as manifest.json says"
+            ) from None
+        manifest.check_shapes([1, 3, s, s], dims, file.name)
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():

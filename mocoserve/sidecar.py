@@ -7,8 +7,10 @@ rebuilt or patched to agree with it (see `mocoserve.vectors.sync`).
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,8 +69,40 @@ class NewItem:
 _ITEM_COLUMNS = "id, path, label, sha256, bytes, mtime, width, height"
 
 
+def db_path(path: str) -> str | bytes:
+    """A path as SQLite stores it: text, or its exact bytes where it is not valid UTF-8.
+
+    POSIX file names are bytes; Python holds the undecodable ones as surrogate escapes,
+    which SQLite's text cannot. A BLOB in the same column keeps them exactly, and equality
+    and prefix lookups still work (bytes compare with bytes).
+    """
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape")
+
+
+def py_path(value: str | bytes) -> str:
+    """The path a db_path value stands for (the inverse of db_path)."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
 class Sidecar:
     """The `items`, `failures` and `meta` tables of one index."""
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One transaction; SQLite's write failures (a full disk) become one-line OSErrors.
+
+        What earlier transactions committed stays: the journal keeps the database whole.
+        """
+        try:
+            with self.db:
+                yield
+        except sqlite3.OperationalError as e:
+            code = errno.ENOSPC if "full" in str(e) else errno.EIO
+            raise OSError(code, f"cannot write the sidecar: {e}", str(self.path)) from None
 
     def __init__(self, path: str | Path, readonly: bool = False) -> None:
         self.path = Path(path)
@@ -82,6 +116,10 @@ class Sidecar:
             if not readonly:
                 self.db.executescript(_SCHEMA)
             self.db.execute("SELECT count(*) FROM items").fetchone()
+        except sqlite3.OperationalError as e:  # cannot open or write: permissions, a full disk
+            if "no such table" in str(e):
+                raise UserError(f"{self.path} is not a mocoserve sidecar database") from None
+            raise OSError(errno.EIO, f"cannot open the sidecar: {e}", str(self.path)) from None
         except sqlite3.DatabaseError as e:
             raise UserError(f"{self.path} is not a mocoserve sidecar database ({e})") from None
         version = self.get_meta("format_version")
@@ -102,7 +140,7 @@ class Sidecar:
         return dict(self.db.execute("SELECT key, value FROM meta").fetchall())
 
     def set_meta(self, values: dict[str, str]) -> None:
-        with self.db:
+        with self._writing():
             self.db.executemany(
                 "INSERT INTO meta(key, value) VALUES(?, ?) "
                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -116,10 +154,13 @@ class Sidecar:
     def stats(self) -> dict[str, tuple[int, int, int, str | None]]:
         """path -> (id, bytes, mtime, label) for every item: what a rerun compares against."""
         rows = self.db.execute("SELECT path, id, bytes, mtime, label FROM items")
-        return {p: (i, b, m, label) for p, i, b, m, label in rows}
+        return {py_path(p): (i, b, m, label) for p, i, b, m, label in rows}
 
     def paths(self) -> list[str]:
-        return [r[0] for r in self.db.execute("SELECT path FROM items ORDER BY id")]
+        return [py_path(r[0]) for r in self.db.execute("SELECT path FROM items ORDER BY id")]
+
+    def labelled(self) -> int:
+        return int(self.db.execute("SELECT count(label) FROM items").fetchone()[0])
 
     def ids_with_label(self, label: str) -> np.ndarray:
         rows = self.db.execute("SELECT id FROM items WHERE label = ? ORDER BY id", (label,))
@@ -127,18 +168,24 @@ class Sidecar:
 
     def set_labels(self, labels: Iterable[tuple[str | None, str]]) -> None:
         """Relabel items in one transaction: (label, path) pairs."""
-        with self.db:
-            self.db.executemany("UPDATE items SET label = ? WHERE path = ?", labels)
+        with self._writing():
+            self.db.executemany(
+                "UPDATE items SET label = ? WHERE path = ?",
+                [(label, db_path(path)) for label, path in labels],
+            )
 
     def rows_under(self, prefix: str) -> list[tuple[str, str | None, bytes]]:
         """(path, label, vector bytes) of the items whose path starts with `prefix`, by path.
 
-        A plain prefix comparison: LIKE would also match other letter cases.
+        A plain prefix comparison of the bytes (LIKE would also match other letter cases).
         """
-        return self.db.execute(
-            "SELECT path, label, vector FROM items WHERE substr(path, 1, ?) = ? ORDER BY path",
-            (len(prefix), prefix),
+        key = prefix.encode("utf-8", "surrogateescape")
+        rows = self.db.execute(
+            "SELECT path, label, vector FROM items "
+            "WHERE substr(CAST(path AS BLOB), 1, ?) = ? ORDER BY path",
+            (len(key), key),
         ).fetchall()
+        return [(py_path(p), label, v) for p, label, v in rows]
 
     def ids(self) -> np.ndarray:
         rows = self.db.execute("SELECT id FROM items ORDER BY id").fetchall()
@@ -154,7 +201,7 @@ class Sidecar:
             for row in self.db.execute(
                 f"SELECT {_ITEM_COLUMNS} FROM items WHERE id IN ({marks})", chunk
             ):
-                out[row[0]] = Item(*row)
+                out[row[0]] = Item(row[0], py_path(row[1]), *row[2:])
         return out
 
     def labels(self) -> list[str]:
@@ -183,19 +230,20 @@ class Sidecar:
         self, added: list[NewItem], failed: list[tuple[str, str]], replaced: Iterable[str] = ()
     ) -> list[int]:
         """In one transaction: drop `replaced` paths, insert `added`, record `failed`; new ids."""
-        with self.db:
+        with self._writing():
             for path in replaced:
-                self.db.execute("DELETE FROM items WHERE path = ?", (path,))
+                self.db.execute("DELETE FROM items WHERE path = ?", (db_path(path),))
             ids = []
             for item in added:
-                self.db.execute("DELETE FROM items WHERE path = ?", (item.path,))
-                self.db.execute("DELETE FROM failures WHERE path = ?", (item.path,))
+                path = db_path(item.path)
+                self.db.execute("DELETE FROM items WHERE path = ?", (path,))
+                self.db.execute("DELETE FROM failures WHERE path = ?", (path,))
                 vector = np.ascontiguousarray(item.vector, dtype=np.float32)
                 cursor = self.db.execute(
                     "INSERT INTO items(path, label, sha256, bytes, mtime, width, height, vector) "
                     "VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
                     (
-                        item.path,
+                        path,
                         item.label,
                         item.sha256,
                         item.bytes,
@@ -207,25 +255,27 @@ class Sidecar:
                 )
                 ids.append(int(cursor.lastrowid))
             # a file that changed into something undecodable loses its stale vector
-            self.db.executemany("DELETE FROM items WHERE path = ?", [(p,) for p, _ in failed])
+            stale = [(db_path(p),) for p, _ in failed]
+            self.db.executemany("DELETE FROM items WHERE path = ?", stale)
             self.db.executemany(
                 "INSERT INTO failures(path, error) VALUES(?, ?) "
                 "ON CONFLICT(path) DO UPDATE SET error = excluded.error",
-                failed,
+                [(db_path(p), error) for p, error in failed],
             )
         return ids
 
     def remove_paths(self, paths: Iterable[str]) -> int:
         """Delete items and failures with these paths; how many items went."""
-        paths = list(paths)
-        with self.db:
+        keys = [(db_path(p),) for p in paths]
+        with self._writing():
             before = len(self)
-            self.db.executemany("DELETE FROM items WHERE path = ?", [(p,) for p in paths])
-            self.db.executemany("DELETE FROM failures WHERE path = ?", [(p,) for p in paths])
+            self.db.executemany("DELETE FROM items WHERE path = ?", keys)
+            self.db.executemany("DELETE FROM failures WHERE path = ?", keys)
             return before - len(self)
 
     def failures(self) -> list[tuple[str, str]]:
-        return self.db.execute("SELECT path, error FROM failures ORDER BY path").fetchall()
+        rows = self.db.execute("SELECT path, error FROM failures ORDER BY path").fetchall()
+        return [(py_path(p), error) for p, error in rows]
 
 
 def _block(rows: list, dim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -6,6 +6,7 @@ sidecar row ids, so it can be patched (ids removed and added) to agree with the 
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -16,6 +17,7 @@ import faiss
 import numpy as np
 
 from mocoserve.core.errors import UserError
+from mocoserve.core.files import replace_durably
 
 FLAT_LIMIT = 1_000_000  # auto: exact search up to this many vectors
 RECALL_TARGET = 0.95  # auto IVF: nprobe is raised until recall@10 reaches this
@@ -262,21 +264,15 @@ def write_atomic(index: faiss.Index, path: str | Path) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        faiss.write_index(index, str(tmp))
-        fd = os.open(tmp, os.O_RDONLY)
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            faiss.write_index(index, str(tmp))
+        except RuntimeError as e:  # FAISS's C++ "fwrite ... failed": a full disk, mostly
+            reason = str(e).strip().splitlines()[-1][:200]
+            raise OSError(errno.EIO, f"cannot write the index ({reason})", str(path)) from None
+        replace_durably(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def read(path: str | Path, dim: int) -> faiss.IndexIDMap2 | None:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from mocoserve.core.errors import UserError
+from mocoserve.core.files import fsync_dir, public_mode
 from mocoserve.train import distributed
 
 FORMAT = "mocoserve-checkpoint"
@@ -97,14 +98,6 @@ def model_state(
     }
 
 
-def _fsync_dir(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
     """torch.save to a temp file in the same folder, fsync, rename: never a half-written file.
 
@@ -115,26 +108,19 @@ def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())
+        os.fchmod(fd, public_mode())
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(e, RuntimeError) and isinstance(e.__cause__ or e.__context__, OSError):
             raise (e.__cause__ or e.__context__) from None  # torch.save wraps ENOSPC and friends
         raise
-
-
-def current_umask() -> int:
-    """The process's umask (reading it means setting it; it is put straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -249,7 +235,13 @@ class Checkpointer:
         if not self.writer:
             return None
         state = self.state(metrics)
-        save_atomic(state, self.last)
+        try:
+            save_atomic(state, self.last)
+        except OSError as e:  # a full disk: the previous last.pt is still whole
+            kept = " (the previous one is kept)" if self.last.exists() else ""
+            raise OSError(
+                e.errno, f"cannot write the checkpoint: {e.strerror}{kept}", str(self.last)
+            ) from None
         self.last_save = time.monotonic()
         if keep_epoch is None:
             return self.last

@@ -66,6 +66,9 @@ def scan_folder(root: str | Path, classes: Sequence[str] | None = None) -> Folde
     return FolderIndex(path, files, [number[parts[0]] for parts in top], names)
 
 
+MAX_DECODE_ATTEMPTS = 32  # files tried in a row for one item before the folder is refused
+
+
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
     digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
@@ -76,7 +79,8 @@ class ImageDataset(Dataset):
 
     Items are `(index, epoch)` pairs (see EpochSampler), so an image's augmentation does not
     depend on the worker count, on persistent workers or on where a resumed run restarts.
-    An unreadable file is reported once and replaced by the next readable one.
+    An unreadable file is reported once (per worker) and replaced by the next readable one;
+    32 unreadable files in a row stop the run with a UserError.
     """
 
     def __init__(
@@ -86,7 +90,7 @@ class ImageDataset(Dataset):
         self.labels = list(labels)
         self.transform = transform
         self.seed = seed
-        self._reported: set[int] = set()
+        self._bad: set[int] = set()  # files this worker found unreadable: skipped, not retried
 
     def __len__(self) -> int:
         return len(self.files)
@@ -94,23 +98,29 @@ class ImageDataset(Dataset):
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[object, int]:
         index, epoch = item if isinstance(item, tuple) else (item, 0)
         n = len(self.files)
-        for attempt in range(n):
+        skipped: list[str] = []  # reported once a readable file follows (else the error says)
+        for attempt in range(min(n, MAX_DECODE_ATTEMPTS)):
             i = (index + attempt) % n
+            if i in self._bad:
+                continue
             try:
                 image = load_rgb(self.files[i])
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                if i not in self._reported:
-                    self._reported.add(i)
-                    print(
-                        f"warning: skipping unreadable image {self.files[i]}: {e}", file=sys.stderr
-                    )
+                self._bad.add(i)
+                skipped.append(f"{self.files[i]}: {e}")
                 continue
+            for reason in skipped:
+                print(f"warning: skipping unreadable image {reason}", file=sys.stderr)
             seed = _sample_seed(self.seed, epoch, index)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 random.seed(seed)
                 return self.transform(image), self.labels[i]
-        raise UserError("none of the images could be decoded")
+        raise UserError(
+            f"no image could be decoded in {min(n, MAX_DECODE_ATTEMPTS)} tries in a row"
+            + (f" (the last: {skipped[-1]})" if skipped else "")
+            + "; is this a folder of images?"
+        )
 
 
 class EpochSampler(Sampler):

@@ -179,7 +179,7 @@ class Trainer:
         preempt: PreemptionFlag | None = None,
     ) -> None:
         self.cfg = cfg
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)  # whole lines in logs
         self.preempt = preempt or PreemptionFlag()
         self.resume_from = resume_from
         self.spec = get_spec(cfg.method.name)

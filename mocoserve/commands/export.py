@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mocoserve.commands.options import guarded
@@ -76,7 +77,7 @@ def info(model: ModelArg) -> None:
         from mocoserve.model import file_status, read_manifest
 
         manifest = read_manifest(model)
-        console = Console()
+        console = Console(soft_wrap=True)
         table = Table(title=str(model), show_header=False)
         source, pre = manifest.source, manifest.preprocess
         rows = [
@@ -98,15 +99,12 @@ def info(model: ModelArg) -> None:
                 f"({source.get('checkpoint')}, sha256 {source.get('checkpoint_sha256', '')[:12]}…)",
             ),
         ]
+        problems = 0
         for name, entry in manifest.files.items():
             extra = f", opset {entry['opset']}" if "opset" in entry else ""
-            rows.append(
-                (
-                    name,
-                    f"{entry.get('bytes', 0) / 1e6:.1f} MB{extra}, "
-                    + file_status(model, entry, name),
-                )
-            )
+            status = file_status(model, manifest, name)
+            problems += status != "ok"
+            rows.append((name, f"{entry.get('bytes', 0) / 1e6:.1f} MB{extra}, {status}"))
         for name, p in manifest.parity.items():
             if isinstance(p, dict):
                 rows.append(
@@ -117,7 +115,10 @@ def info(model: ModelArg) -> None:
                 )
         rows.append(("created by", manifest.created_by or "?"))
         for key, value in rows:
-            table.add_row(key, str(value))
+            table.add_row(key, escape(str(value)))
         console.print(table)
+        if problems:
+            print(f"error: {problems} file(s) of {model} failed their check", file=sys.stderr)
+            raise typer.Exit(1)
 
     guarded(work)

@@ -68,7 +68,7 @@ def knn(
             batch_size or 64,
         )
         print_summary(report.figures)
-        console = Console()
+        console = Console(soft_wrap=True)
         for name, path in report.files.items():
             console.print(f"{name:>10}: {path}")
 
@@ -82,7 +82,7 @@ def print_summary(f: dict) -> None:
         f"k-NN (T={f['temperature']}) on {c['val']} images, {c['classes']} classes; "
         f"train {c['train']}"
     )
-    console = Console()
+    console = Console(soft_wrap=True)
     console.print(title)
     table = Table()
     table.add_column("k", justify="right")

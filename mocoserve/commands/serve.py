@@ -32,6 +32,7 @@ from mocoserve.commands.options import (
     guarded,
 )
 from mocoserve.core.errors import UserError
+from mocoserve.core.files import shown
 
 app = typer.Typer()
 
@@ -52,9 +53,13 @@ def embed(
         ),
     ] = None,
     labels_from_folders: Annotated[
-        bool,
-        typer.Option("--labels-from-folders", help="Label = top-level folder under IMAGES."),
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--labels-from-folders/--no-labels",
+            help="Label = top-level folder under IMAGES (the index remembers it: later runs "
+            "keep labelling); --no-labels drops the labels. Default: as the index was made.",
+        ),
+    ] = None,
     device: DeviceOpt = None,
     strict: Annotated[
         bool, typer.Option("--strict", help="Exit 1 if any file could not be embedded.")
@@ -68,7 +73,7 @@ def embed(
 
         if model is None and not Path(f"{index}.db").is_file():
             raise UserError("a new index needs --model (the package folder made by export)")
-        console = Console(stderr=True, quiet=quiet)
+        console = Console(stderr=True, quiet=quiet, soft_wrap=True)
         progress = Progress(
             TextColumn("[bold]embed"),
             BarColumn(),
@@ -115,9 +120,9 @@ def embed(
             return 130
         finally:
             progress.stop()
-        out = Console()
+        out = Console(soft_wrap=True)
         for path, error in summary.failures[:20]:
-            out.print(f"[yellow]failed[/] {escape(path)}: {escape(error)}", soft_wrap=True)
+            out.print(f"[yellow]failed[/] {escape(shown(path))}: {escape(error)}", soft_wrap=True)
         if len(summary.failures) > 20:
             out.print(f"... and {len(summary.failures) - 20} more (table failures in {index}.db)")
         tuning = (
@@ -130,7 +135,10 @@ def embed(
             f"failed {summary.failed}, removed {summary.removed} "
             f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} img/s)"
         )
-        out.print(f"{index}: {summary.total} images, {summary.factory}{tuning}")
+        out.print(
+            f"{index}: {summary.total} images, {summary.labelled} labelled, "
+            f"{summary.factory}{tuning}"
+        )
         return 1 if strict and summary.failures else 0
 
     code = guarded(work)
@@ -172,16 +180,19 @@ def search(
             json.dump(payload, sys.stdout, indent=2)
             sys.stdout.write("\n")
             return
-        console = Console()
+        console = Console(soft_wrap=True)
         for q, hits in zip(queries, results, strict=True):
             inside = " (in the index)" if any(h.is_query for h in hits) else ""
-            table = Table(title=f"{q}{inside}", title_justify="left")
+            table = Table(title=f"{escape(shown(q))}{inside}", title_justify="left")
             for column in ("rank", "score", "label", "path"):
                 table.add_column(column, justify="right" if column in ("rank", "score") else "left")
             for r, h in enumerate(hits, 1):
                 mark = "  ◀ the query" if h.is_query else ""
                 table.add_row(
-                    str(r), f"{h.score:.4f}", h.label or "", escape(os.path.relpath(h.path)) + mark
+                    str(r),
+                    f"{h.score:.4f}",
+                    h.label or "",
+                    escape(shown(os.path.relpath(h.path))) + mark,
                 )
             console.print(table)
 

@@ -25,6 +25,7 @@ BACKEND_FILES = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
 PACKAGE_FILES = (MANIFEST_FILE, ONNX_FILE, ONNX_FP16_FILE, TORCHSCRIPT_FILE)
 INPUT_DESCRIPTION = "float32 NCHW RGB in [0, 1]"
 _PREPROCESS_EXTRAS = ("interpolation", "mean", "std", "folded", "input")
+SPEC_KEY = "mocoserve.spec"  # ONNX metadata_props key / TorchScript extra file of the spec
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -134,6 +135,52 @@ class Manifest:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{path} is not valid JSON ({e})") from None
         return cls.from_dict(data, str(path))
+
+    def spec(self) -> dict[str, Any]:
+        """What the model files are: export bakes this into each, the loader compares."""
+        pre = self.preprocess
+        return {
+            "embedding_dim": self.embedding_dim,
+            "input_size": self.input_size,
+            "resize": pre.resize,
+            "crop": pre.crop,
+            "interpolation": pre.interpolation,
+            "output": self.output,
+            "normalized": self.normalized,
+        }
+
+    def check_spec(self, embedded: str | None, where: str) -> None:
+        """The spec baked into a model file must be the manifest's (else it was edited).
+
+        Files from before specs were baked in carry none; their shapes are checked instead.
+        """
+        if embedded is None:
+            return
+        try:
+            baked = json.loads(embedded)
+        except json.JSONDecodeError:
+            raise UserError(f"{where} carries an unreadable mocoserve spec") from None
+        for key, value in self.spec().items():
+            if baked.get(key) != value:
+                raise UserError(
+                    f"manifest.json does not describe {where}: {key} is {value!r} in the "
+                    f"manifest but {baked.get(key)!r} in the model (an edited manifest, or "
+                    "one from another package); export the package again"
+                )
+
+    def check_shapes(self, input_shape: list[Any], output_shape: list[Any], where: str) -> None:
+        """The model's declared N x 3 x S x S input and N x D output must match the manifest."""
+        s, d = self.input_size, self.embedding_dim
+        if [int(x) if isinstance(x, int) else None for x in input_shape[1:]] != [3, s, s]:
+            raise UserError(
+                f"manifest.json says input_size {s}, but {where} takes "
+                f"{input_shape[1:]}; export the package again"
+            )
+        if len(output_shape) == 2 and isinstance(output_shape[1], int) and output_shape[1] != d:
+            raise UserError(
+                f"manifest.json says embedding_dim {d}, but {where} makes {output_shape[1]}-d "
+                "embeddings; export the package again"
+            )
 
     def write(self, folder: str | os.PathLike) -> Path:
         path = Path(folder) / MANIFEST_FILE
