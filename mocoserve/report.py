@@ -111,20 +111,28 @@ def run_knn(
             model = Path(train_set.model_path)
         if not train_set.labels:
             raise UserError(f"{train_index} has no labels; build it with --labels-from-folders")
-    if model is None or not (Path(model) / "manifest.json").is_file():
-        raise UserError(f"--model {model} is not a model package folder")
+    if model is None:
+        raise UserError(
+            "give --model (the package folder made by export), or --train-index (an index "
+            "that knows its model)"
+        )
+    if not (Path(model) / "manifest.json").is_file():
+        raise UserError(f"--model {model} is not a model package folder (no manifest.json)")
     fingerprint = model_fingerprint(model)
     cache = out / "index"
     cache.mkdir(exist_ok=True)
+    embedded = {"train": 0, "val": 0}  # what this run had to embed (the cache holds the rest)
     if train_index is None:
         train_index = cache / f"train-{fingerprint[:12]}.faiss"
-        embed_folders([train], model, train_index, batch_size, workers, "flat", True, device)
+        done = embed_folders([train], model, train_index, batch_size, workers, "flat", True, device)
+        embedded["train"] = done.embedded
         train_set = read_labelled(train_index, train)
     if loo:
         val_set, val_index = train_set, train_index
     else:
         val_index = cache / f"val-{fingerprint[:12]}.faiss"
-        embed_folders([val], model, val_index, batch_size, workers, "flat", True, device)
+        done = embed_folders([val], model, val_index, batch_size, workers, "flat", True, device)
+        embedded["val"] = done.embedded
         val_set = read_labelled(val_index, val)
     if not train_set.labels:
         raise UserError(f"{train} has no labelled images (expected class/image folders)")
@@ -142,8 +150,14 @@ def run_knn(
     if train_set.vectors.shape[1] != val_set.vectors.shape[1]:
         raise UserError("--train-index was built with a model of another embedding size")
     self_ids = np.arange(len(val_labels)) if loo else None
-    if len(train_labels) - (1 if loo else 0) < 1:
+    most = len(train_labels) - (1 if loo else 0)  # neighbours a query can have
+    if most < 1:
         raise UserError("the train set needs at least one image (two for --loo)")
+    notes = []
+    if k > most:
+        notes.append(f"k capped at {most}: the train set has {len(train_labels)} images")
+        k = most
+    ks = tuple(sorted({min(kk, most) for kk in ks}))
     result = knn.knn_classify(
         train_set.vectors,
         train_labels,
@@ -162,6 +176,8 @@ def run_knn(
     if baseline:
         figures["baseline"] = baseline
     figures["seconds"] = round(time.perf_counter() - started, 2)
+    figures["notes"] = notes
+    figures["embedded"] = embedded
     report = KnnReport(out, figures)
     report.files = write_report(
         out, figures, result, k, val_labels, classes, train_set, val_set, train_labels, grid_queries
@@ -281,39 +297,69 @@ def _markdown(f: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def short(name: str, n: int = 16) -> str:
+    """A class name in at most n characters, keeping both ends (`a-rathe..class_3`)."""
+    if len(name) <= n:
+        return name
+    tail = (n - 2) // 2
+    return f"{name[: n - 2 - tail]}..{name[-tail:]}"
+
+
+def _text_block(draw: ImageDraw.ImageDraw, xy: tuple[int, int], lines: list[str]) -> int:
+    """Draw lines of text from xy; return the height they took."""
+    x, y = xy
+    for line in lines:
+        draw.text((x, y), line, fill="black")
+        y += 13
+    return y - xy[1]
+
+
+def _wrapped(text: str, width_px: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, max(20, width_px // 6))  # PIL's default font: ~6 px a glyph
+
+
 def confusion_png(matrix: np.ndarray, classes: list[str]) -> Image.Image:
     """A row-normalised confusion matrix: white (0) to dark blue (1), with class names.
 
     Rows are true classes, columns predicted ones; counts are written in cells big enough.
+    Names longer than 16 characters keep both ends, so similar long names stay apart.
     """
     n = len(classes)
     cell = max(4, min(48, 720 // max(n, 1)))
     named = n <= 60
-    margin = 14 + 6 * min(16, max((len(c) for c in classes), default=1)) if named else 14
+    labels = [short(c) for c in classes]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = max((probe.textbbox((0, 0), s)[2] for s in labels), default=0) if named else 0
+    left = 8 + text_w + 6
+    title_h = 30
+    top = title_h + text_w + 8  # room for the rotated column names
     rows = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
     shade = (255 - rows[..., None] * np.array([200, 160, 90])).clip(0, 255)  # n x n x 3
     heat = Image.fromarray(shade.astype(np.uint8), "RGB").resize(
         (n * cell, n * cell), Image.NEAREST
     )
-    image = Image.new("RGB", (margin + n * cell + 8, margin + n * cell + 8), "white")
-    image.paste(heat, (margin, margin))
+    width = max(left + n * cell + 8, 330)
+    image = Image.new("RGB", (width, top + n * cell + 8), "white")
+    image.paste(heat, (left, top))
     draw = ImageDraw.Draw(image)
-    draw.text((2, 2), "true \\ predicted", fill="grey")
+    draw.text((4, 3), "confusion: rows = true class, columns = predicted", fill="black")
+    draw.text((4, 16), "row-normalised: dark = most of the class's images", fill="grey")
     if named:
-        for i, name in enumerate(classes):
-            label = name[:16]
-            draw.text((4, margin + i * cell + cell // 2 - 5), label, fill="black")
-            strip = Image.new("RGB", (margin - 14, 12), "white")
+        for i, label in enumerate(labels):
+            draw.text((4, top + i * cell + cell // 2 - 5), label, fill="black")
+            strip = Image.new("RGB", (text_w + 2, 12), "white")
             ImageDraw.Draw(strip).text((0, 0), label, fill="black")
-            rotated = strip.rotate(90, expand=True)
-            image.paste(rotated, (margin + i * cell + cell // 2 - 6, 14))
+            rotated = strip.rotate(90, expand=True)  # reads bottom to top, ends at the matrix
+            image.paste(rotated, (left + i * cell + cell // 2 - 6, top - rotated.height - 4))
         if cell >= 24:
-            for t in range(n):
-                for p in range(n):
-                    if matrix[t, p]:
-                        colour = "white" if rows[t, p] > 0.5 else "black"
-                        xy = (margin + p * cell + 3, margin + t * cell + cell // 2 - 5)
-                        draw.text(xy, str(matrix[t, p]), fill=colour)
+            for r in range(n):
+                for c in range(n):
+                    if matrix[r, c]:
+                        colour = "white" if rows[r, c] > 0.5 else "black"
+                        xy = (left + c * cell + 3, top + r * cell + cell // 2 - 5)
+                        draw.text(xy, str(matrix[r, c]), fill=colour)
     return image
 
 
@@ -323,6 +369,9 @@ def _thumb(path: str, size: int, frame: str) -> Image.Image:
     except (OSError, ValueError):
         image = Image.new("RGB", (size - 6, size - 6), "grey")
     return ImageOps.expand(image, border=3, fill=frame)
+
+
+QUERY, SAME, OTHER = "#3060c0", "#20a040", "#d02020"
 
 
 def neighbours_png(
@@ -337,7 +386,11 @@ def neighbours_png(
     shown: int = 6,
     size: int = 72,
 ) -> Image.Image:
-    """One row per query (one per class first, then misclassified ones): query + neighbours."""
+    """One row per query (one per class first, then misclassified ones): query + neighbours.
+
+    A header says what the frames mean and that the vote used k neighbours, of which only
+    the nearest few are drawn (so a wrong row can show only green frames).
+    """
     predicted = result.top5[k][:, 0]
     picks: list[int] = []
     for c in np.unique(val_labels):
@@ -347,20 +400,32 @@ def neighbours_png(
     if len(picks) < queries:
         picks += [i for i in range(len(val_labels)) if i not in picks][: queries - len(picks)]
     shown = min(shown, result.rows.shape[1])
+    width = (shown + 1) * size + 12
+    header = _wrapped(
+        f"Each row: a query (blue frame), then its {shown} nearest training images with "
+        f"their cosine similarity; green frame = same class as the query, red = another. "
+        f"The prediction is the weighted vote of the k = {k} nearest (T = "
+        f"{result.temperature}), so it can differ from the few drawn here. Below each "
+        "query: its class -> the predicted class.",
+        width - 8,
+    )
+    header_h = 13 * len(header) + 8
     label_h = 14
-    image = Image.new("RGB", ((shown + 1) * size + 12, len(picks) * (size + label_h)), "white")
+    image = Image.new("RGB", (width, header_h + len(picks) * (size + label_h)), "white")
     draw = ImageDraw.Draw(image)
+    _text_block(draw, (4, 3), header)
     for r, q in enumerate(picks):
-        y = r * (size + label_h)
-        image.paste(_thumb(val_set.paths[q], size, "#3060c0"), (0, y))
-        verdict = "ok" if predicted[q] == val_labels[q] else f"-> {classes[predicted[q]][:10]}"
-        draw.text((2, y + size), f"{classes[val_labels[q]][:10]} {verdict}", fill="black")
+        y = header_h + r * (size + label_h)
+        image.paste(_thumb(val_set.paths[q], size, QUERY), (0, y))
+        truth, guess = classes[val_labels[q]], classes[predicted[q]]
+        verdict = (
+            f"{short(truth, 10)} ok" if guess == truth else f"{short(truth, 9)}->{short(guess, 9)}"
+        )
+        draw.text((2, y + size), verdict, fill="black" if guess == truth else OTHER)
         for j in range(shown):
             row = int(result.rows[q, j])
             same = train_labels[row] == val_labels[q]
             x = (j + 1) * size + 12
-            image.paste(
-                _thumb(train_set.paths[row], size, "#20a040" if same else "#d02020"), (x, y)
-            )
+            image.paste(_thumb(train_set.paths[row], size, SAME if same else OTHER), (x, y))
             draw.text((x + 2, y + size), f"{result.sims[q, j]:.2f}", fill="black")
     return image

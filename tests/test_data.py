@@ -55,29 +55,49 @@ def _save(img: Image.Image, path, **kw):
     return path
 
 
-def test_awkward_images_decode_to_rgb(tmp_path):
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float64)
+
+
+def test_awkward_images_decode_to_the_right_pixels(tmp_path):
     rgb = class_image(0, 0, size=20)
     # EXIF orientation 6 (rotate 90° CW to display): a 20x10 file displays as 10x20
     wide = rgb.resize((20, 10))
     exif = Image.Exif()
     exif[0x0112] = 6
-    p = _save(wide, tmp_path / "rot.jpg", exif=exif.tobytes())
-    assert load_rgb(p).size == (10, 20)
-    assert load_rgb(_save(rgb.convert("CMYK"), tmp_path / "cmyk.jpg")).mode == "RGB"
-    assert load_rgb(_save(rgb.convert("L"), tmp_path / "gray.png")).mode == "RGB"
+    p = _save(wide, tmp_path / "rot.png", exif=exif.tobytes())
+    expected = _pixels(wide.transpose(Image.Transpose.ROTATE_270))
+    assert np.array_equal(_pixels(load_rgb(p)), expected)
+    # CMYK JPEG: the same colours back (within JPEG's loss and the CMYK round trip)
+    cmyk = load_rgb(_save(rgb.convert("CMYK"), tmp_path / "cmyk.jpg", quality=98))
+    assert cmyk.mode == "RGB" and np.abs(_pixels(cmyk) - _pixels(rgb)).mean() < 6
+    # grey: every channel is the grey value, exactly
+    grey = rgb.convert("L")
+    out = _pixels(load_rgb(_save(grey, tmp_path / "gray.png")))
+    assert all(np.array_equal(out[..., c], _pixels(grey)) for c in range(3))
+    # fully transparent -> white background; half transparent -> blended with white
     rgba = rgb.convert("RGBA")
     rgba.putalpha(0)
-    white = load_rgb(_save(rgba, tmp_path / "alpha.png"))
-    assert white.getpixel((0, 0)) == (255, 255, 255)  # fully transparent -> white background
-    pal = _save(rgb.convert("P", palette=Image.ADAPTIVE), tmp_path / "pal.gif")
-    assert load_rgb(pal).mode == "RGB"
-    deep = Image.fromarray((np.arange(400).reshape(20, 20) * 160).astype(np.uint16))
-    out = np.asarray(load_rgb(_save(deep, tmp_path / "deep.png")))
-    assert out.shape == (20, 20, 3) and out.max() > 200  # 16-bit scaled, not clipped to 255
+    assert load_rgb(_save(rgba, tmp_path / "alpha.png")).getpixel((0, 0)) == (255, 255, 255)
+    rgba.putalpha(128)
+    half = _pixels(load_rgb(_save(rgba, tmp_path / "half.png")))
+    assert np.abs(half - (_pixels(rgb) * 128 + 255 * 127) / 255).max() <= 1
+    # palette: the palette's colours, exactly
+    indexed = rgb.convert("P", palette=Image.ADAPTIVE)
+    pal = load_rgb(_save(indexed, tmp_path / "pal.gif"))
+    assert np.array_equal(_pixels(pal), _pixels(indexed.convert("RGB")))
+    # 16-bit grey: scaled to 8 bits, not clipped to 255
+    deep = (np.arange(400).reshape(20, 20) * 160).astype(np.uint16)
+    out = _pixels(load_rgb(_save(Image.fromarray(deep), tmp_path / "deep.png")))
+    assert out.shape == (20, 20, 3)
+    assert np.abs(out[..., 0] - np.round(deep / 65535 * 255)).max() <= 1
+    # animated: the first frame (GIF quantises its colours), not the second
     frames = [class_image(i, 0, size=16) for i in range(3)]
     anim = tmp_path / "anim.gif"
     frames[0].save(anim, save_all=True, append_images=frames[1:])
-    assert load_rgb(anim).size == (16, 16)
+    first = _pixels(load_rgb(anim))
+    assert np.abs(first - _pixels(frames[0])).mean() < 12
+    assert np.abs(first - _pixels(frames[1])).mean() > 40
 
 
 def test_jpeg_draft_decodes_at_reduced_size(tmp_path):

@@ -1,5 +1,7 @@
 """The main job: scikit-learn's digits as an image folder, and `mocoserve demo` end to end."""
 
+import json
+
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -20,10 +22,13 @@ def test_write_digits_makes_a_labelled_split(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_command_runs_and_reports_both_accuracies(tmp_path):
-    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--epochs", "1"])
+def test_demo_command_runs_and_training_beats_random_weights(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--epochs", "3"])
     assert result.exit_code == 0, result.output
-    assert "random weights" in result.output and "MoCo v2 (1 epochs)" in result.output
+    assert "random weights" in result.output and "MoCo v2 (3 epochs)" in result.output
+    trained = json.loads((tmp_path / "report" / "report.json").read_text())["top1"]
+    random = json.loads((tmp_path / "report-random" / "report.json").read_text())["top1"]
+    assert trained > random + 1.0, (trained, random)  # seeded on the CPU: the same every run
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
     assert "knn_top1" in (tmp_path / "run" / "metrics.jsonl").read_text()
     for name in ("report", "report-random"):
@@ -33,3 +38,4 @@ def test_demo_command_runs_and_reports_both_accuracies(tmp_path):
     assert (tmp_path / "digits.faiss").is_file() and (tmp_path / "digits.faiss.db").is_file()
     assert "ResNet-18, random weights" in (tmp_path / "report" / "report.md").read_text()
     assert "mocoserve search" in result.output and "mocoserve app --index" in result.output
+    assert "training did not beat" not in result.output

@@ -7,6 +7,7 @@ and no process left behind; and that no data was lost.
 
 import json
 import os
+import re
 import pickle
 import resource
 import shutil
@@ -347,3 +348,78 @@ def test_13_export_input_size_out_of_range_is_one_line(tmp_path):
         result = run(["export", str(ckpt), "--out", str(tmp_path / "m"), "--input-size", size])
         assert_one_error(result, 2, f"--input-size must be from 16 to 4096 px, got {size}")
         assert not (tmp_path / "m").exists()
+
+
+# --- smaller things a user meets, and promises that had no test ---
+
+
+def test_knn_caps_k_says_so_and_a_rerun_embeds_nothing(tmp_path, labelled_dir, val_dir, model_dir):
+    args = ["knn", "--model", str(model_dir), "--train", str(labelled_dir), "--val", str(val_dir)]
+    args += ["--out", str(tmp_path / "r"), "-k", "100000", "--workers", "0"]
+    first = run(args)
+    assert first.returncode == 0, first.stderr
+    assert "note: k capped at 24: the train set has 24 images" in first.stdout
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["k"] == 24 and list(report["by_k"]) == ["24"]
+    assert report["embedded"] == {"train": 24, "val": 12}
+    again = run(args)
+    assert again.returncode == 0, again.stderr
+    rerun = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert rerun["embedded"] == {"train": 0, "val": 0}  # the report's cache: nothing embedded
+    assert rerun["top1"] == report["top1"]
+
+
+def test_knn_without_a_model_says_what_to_give(tmp_path, labelled_dir):
+    result = run(["knn", "--train", str(labelled_dir), "--loo", "--out", str(tmp_path / "r")])
+    assert_one_error(result, 2, "give --model (the package folder made by export)")
+    assert "None" not in result.stderr
+
+
+def test_search_for_a_label_the_index_lacks(tmp_path, labelled_dir, model_dir):
+    index = tmp_path / "l.faiss"
+    made = run(["embed", str(labelled_dir), "--index", str(index), "--model", str(model_dir)]
+               + ["--labels-from-folders", "--quiet"])  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    query = str(sorted(labelled_dir.rglob("*.png"))[0])
+    result = run(["search", str(index), query, "--label", "nosuch"])
+    assert_one_error(result, 2, "label 'nosuch' is not in")
+    assert "class_0, class_1, class_2" in result.stderr
+    assert run(["search", str(index), query, "--label", "class_1"]).returncode == 0
+
+
+def test_a_second_embed_on_the_same_index_is_refused(tmp_path, labelled_dir, model_dir):
+    import mocoserve.index
+
+    index = tmp_path / "busy.faiss"
+    with mocoserve.index.writer_lock(index):  # as a running embed holds it
+        result = run(["embed", str(labelled_dir), "--index", str(index), "--model", str(model_dir)])
+    assert_one_error(result, 2, "is being written by another process")
+    assert not Path(f"{index}.db").exists()
+
+
+def test_os_errors_are_one_line_with_exit_code_1(tmp_path, flat_dir, model_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    result = run(["train", str(flat_dir), *TINY, "--out", str(blocker / "run")])
+    assert_one_error(result, 1, str(blocker))
+    report = run(["knn", "--model", str(model_dir), "--train", str(flat_dir), "--loo"]
+                 + ["--out", str(blocker / "report")])  # fmt: skip
+    assert_one_error(report, 1, str(blocker))
+    assert blocker.read_text() == "in the way"
+
+
+def test_help_texts_say_what_options_do():
+    from typer.testing import CliRunner
+
+    from mocoserve.cli import app
+
+    runner = CliRunner()
+    env = {"COLUMNS": "240", "TERM": "dumb"}
+    help_of = lambda *cmd: runner.invoke(app, [*cmd, "--help"], env=env).output  # noqa: E731
+    train = help_of("train")
+    assert "Softmax temperature of the contrastive loss" in train
+    assert "--lr-batch" not in train and "optim.lr_batch" in train
+    assert "--set" in train
+    assert not re.search(r"-m\s+TEXT|-m\s+--method|--method\s+-m", train)  # -m is --model
+    for command in ("embed", "search", "app", "knn"):
+        assert "-m" in help_of(command) and "--model" in help_of(command)

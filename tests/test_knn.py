@@ -210,3 +210,12 @@ def test_knn_errors_are_clear(tmp_path, labelled_dir, model_dir):
     gone = runner.invoke(app, ["knn", "--train-index", str(nowhere), "--loo"])
     assert gone.exit_code == 2 and "is not an index" in gone.output
     assert not list(tmp_path.glob("nowhere*"))  # nothing created beside it
+
+
+def test_long_class_names_stay_apart_in_the_pictures():
+    from mocoserve.report import short
+
+    names = [f"a-rather-long-class-name-{i}" for i in range(12)]
+    shortened = [short(n) for n in names]
+    assert len(set(shortened)) == 12 and all(len(s) <= 16 for s in shortened)
+    assert short("cat") == "cat" and short("a-rather-long-class-name-7").endswith("name-7")

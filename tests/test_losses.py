@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mocoserve.train.losses import info_nce, supcon_loss, supcon_queue_loss
+from mocoserve.train.losses import (
+    info_nce,
+    info_nce_logits,
+    positive_rank_accuracy,
+    supcon_loss,
+    supcon_queue_loss,
+)
 
 
 def unit(*shape: int, seed: int) -> torch.Tensor:
@@ -45,11 +51,36 @@ def test_info_nce_matches_reference(n, kq, d, t):
 
 
 def test_info_nce_positive_first_and_gradient_direction():
-    q = unit(3, 8, seed=4).requires_grad_(True)
-    loss = info_nce(q, q.detach(), unit(5, 8, seed=5), 0.1)
+    n, t = 3, 0.1
+    q = unit(n, 8, seed=4).requires_grad_(True)
+    k, queue = unit(n, 8, seed=6), unit(5, 8, seed=5)
+    logits = info_nce_logits(q.detach(), k, queue, t)
+    # the positive is logit 0: q.k / T; then the K negatives q.queue_j / T
+    torch.testing.assert_close(logits[:, 0], (q.detach() * k).sum(1) / t)
+    torch.testing.assert_close(logits[:, 1:], q.detach() @ queue.T / t)
+    loss = info_nce(q, k, queue, t)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, torch.zeros(n, dtype=torch.long)))
     loss.backward()
-    assert loss.item() > 0
-    assert q.grad is not None and torch.isfinite(q.grad).all()
+    # dL/dq_i = (sum_j p_ij c_j - k_i) / (N T): towards the key, away from the negatives
+    p = logits.softmax(dim=1)  # N x (1+K)
+    candidates = torch.cat([k.unsqueeze(1), queue.expand(n, -1, -1)], dim=1)  # N x (1+K) x D
+    expected = ((p.unsqueeze(-1) * candidates).sum(1) - k) / (n * t)
+    torch.testing.assert_close(q.grad, expected)
+    assert ((q.grad * k).sum(1) < 0).all()  # a descent step raises each q.k
+    stepped = q.detach() - 0.5 * q.grad
+    assert info_nce(stepped, k, queue, t) < loss
+
+
+def test_positive_rank_accuracy_counts_where_the_positive_ranks():
+    logits = torch.tensor(
+        [
+            [5.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0],  # positive first: in top 1 and top 5
+            [2.0, 3.0, 1.0, 0.0, 0.0, 0.0, 0.0],  # second: top 5 only
+            [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0],  # last of seven: neither
+        ]
+    )
+    top1, top5 = positive_rank_accuracy(logits, (1, 5))
+    assert top1.item() == pytest.approx(100 / 3) and top5.item() == pytest.approx(200 / 3)
 
 
 def _supcon_reference(features, labels, t, base_t, mode):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from typer.testing import CliRunner
 
 from mocoserve.cli import app
@@ -141,12 +142,53 @@ def test_linear_probe_keeps_backbone_and_reports(labelled_dir, val_dir, tmp_path
     )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "lin" / "lincls.json").read_text())
-    assert 0 <= report["val_top1"] <= report["val_top5"] <= 100
-    lin = state_of(tmp_path / "lin" / "checkpoints" / "last.pt")
-    base = state_of(pre / "checkpoints" / "last.pt")
+    assert 0 <= report["val_top1"] <= report["val_top5"] <= 100 and report["epoch"] == 2
+    saved = checkpoint.load(tmp_path / "lin" / "checkpoints" / "last.pt")
+    lin, base = saved["model"], state_of(pre / "checkpoints" / "last.pt")
     for key, value in base.items():  # the fit ran the sanity check too; check it here again
-        if key.startswith("query_encoder.backbone."):
+        if key.startswith("query_encoder."):
             assert torch.equal(lin[key], value), key
+    assert not any(k.startswith("key_encoder.") or k == "queue" for k in lin)
+    # the fc trained: away from its init (normal std 0.01, zero bias)
+    assert lin["fc.bias"].abs().sum() > 0 and lin["fc.weight"].shape == (3, 512)
+    # the MoCo protocol: lr 30 per 256, no weight decay, steps at 60/80, the linear recipe
+    cfg = saved["config"]
+    assert (cfg["optim"]["lr"], cfg["optim"]["weight_decay"]) == (30.0, 0.0)
+    assert (cfg["optim"]["schedule"], cfg["optim"]["milestones"]) == ("step", [60, 80])
+    assert cfg["data"]["augmentation"] == "linear" and cfg["model"]["bn_splits"] == 1
+
+
+def test_linear_probe_fails_when_its_backbone_moves(labelled_dir, tmp_path, monkeypatch):
+    """The protocol's check: a probe whose BN statistics drift (train mode) fails the run."""
+    from mocoserve.core.errors import RunError
+    from mocoserve.train.config import build_config
+    from mocoserve.train.methods import LinearProbe
+    from mocoserve.train.trainer import Trainer
+
+    pre = tmp_path / "pre"
+    args = [str(labelled_dir), "--epochs", "1", "-b", "8", "-K", "16", "--out", str(pre), *TINY]
+    assert train(*args).exit_code == 0
+    monkeypatch.setattr(LinearProbe, "train", lambda self, mode=True: nn.Module.train(self, mode))
+    cfg = build_config(
+        "linear",
+        overrides={
+            "data.root": str(labelled_dir),
+            "data.workers": 0,
+            "method.pretrained": str(pre / "checkpoints" / "last.pt"),
+            "optim.epochs": 1,
+            "optim.batch_size": 8,
+            "run.out": str(tmp_path / "lin"),
+            "run.progress": False,
+        },
+    )
+    LinearProbe.adopt_config(cfg, {})
+    trainer = Trainer(cfg)
+    try:
+        with pytest.raises(RunError, match="changed the frozen backbone"):
+            trainer.fit()
+    finally:
+        trainer.close()
+    assert not (tmp_path / "lin" / "lincls.json").exists()
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, labelled_dir, flat_dir):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +14,17 @@ from rich.table import Table
 from mocoserve.commands.options import OutOpt, SeedOpt, WorkersOpt, guarded
 
 app = typer.Typer()
+
+
+def invoked_as() -> str:
+    """How this mocoserve was started, so printed hints run as they are (.venv/bin/mocoserve)."""
+    first = Path(sys.argv[0])
+    if first.name == "__main__.py":
+        return f"{os.path.relpath(sys.executable)} -m mocoserve"
+    if first.name == "mocoserve" and first.is_file():
+        relative = os.path.relpath(first)
+        return relative if os.sep in relative else "mocoserve"
+    return "mocoserve"
 
 
 @app.command()
@@ -42,8 +55,9 @@ def demo(
     console.print(
         f"report:      {result.report}/report.md (random weights: {result.random_report})"
     )
-    console.print(f"search:      mocoserve search {result.index} {result.val_dir}/3/*.png -k 5")
-    console.print(f"app:         mocoserve app --index {result.index}  (http://127.0.0.1:7860)")
+    me = invoked_as()
+    console.print(f"search:      {me} search {result.index} {result.val_dir}/3/*.png -k 5")
+    console.print(f"app:         {me} app --index {result.index}  (http://127.0.0.1:7860)")
     console.print(f"took {result.minutes:.1f} min")
     if result.trained_top1 <= result.random_top1:
         console.print("[yellow]training did not beat random weights; try more --epochs[/yellow]")

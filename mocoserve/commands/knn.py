@@ -67,6 +67,8 @@ def knn(
             workers,
             batch_size or 64,
         )
+        for note in report.figures["notes"]:
+            print(f"note: {note}")
         print_summary(report.figures)
         console = Console(soft_wrap=True)
         for name, path in report.files.items():

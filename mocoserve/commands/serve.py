@@ -167,6 +167,13 @@ def search(
         for q in queries:
             if not q.is_file():
                 raise UserError(f"{q} is not a file")
+        if label is not None:
+            labels = idx.sidecar.labels()
+            if not labels:
+                raise UserError(f"{index} has no labels; embed with --labels-from-folders")
+            if label not in labels:
+                shown_labels = ", ".join(labels[:10]) + (" ..." if len(labels) > 10 else "")
+                raise UserError(f"label {label!r} is not in {index} (it has {shown_labels})")
         results = idx.search_images(queries, k, label)
         if as_json:
             payload = [
