@@ -154,9 +154,13 @@ def run_knn(
     if most < 1:
         raise UserError("the train set needs at least one image (two for --loo)")
     notes = []
-    if k > most:
-        notes.append(f"k capped at {most}: the train set has {len(train_labels)} images")
-        k = most
+    over = sorted(kk for kk in ks if kk > most)
+    if over:
+        asked = ", ".join(map(str, over))
+        notes.append(
+            f"k capped at {most}: the train set has {len(train_labels)} images (k {asked})"
+        )
+    k = min(k, most)
     ks = tuple(sorted({min(kk, most) for kk in ks}))
     result = knn.knn_classify(
         train_set.vectors,

@@ -7,8 +7,8 @@ and no process left behind; and that no data was lost.
 
 import json
 import os
-import re
 import pickle
+import re
 import resource
 import shutil
 import signal
@@ -358,7 +358,7 @@ def test_knn_caps_k_says_so_and_a_rerun_embeds_nothing(tmp_path, labelled_dir, v
     args += ["--out", str(tmp_path / "r"), "-k", "100000", "--workers", "0"]
     first = run(args)
     assert first.returncode == 0, first.stderr
-    assert "note: k capped at 24: the train set has 24 images" in first.stdout
+    assert "note: k capped at 24: the train set has 24 images (k 100000)" in first.stdout
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["k"] == 24 and list(report["by_k"]) == ["24"]
     assert report["embedded"] == {"train": 24, "val": 12}

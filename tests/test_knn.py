@@ -82,7 +82,8 @@ def test_knn_cli_report_files_and_presets(tmp_path, labelled_dir, val_dir, model
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["k"] == 20 and report["temperature"] == 0.07 and report["preset"] == "dino"
-    assert list(report["by_k"]) == ["10", "20", "100", "200"]
+    assert list(report["by_k"]) == ["10", "20", "24"]  # 100 and 200 capped at the 24 there are
+    assert report["notes"] == ["k capped at 24: the train set has 24 images (k 100, 200)"]
     assert report["counts"]["train"] == 24 and report["counts"]["val"] == 12
     assert report["model"]["manifest_sha256"]
     assert len(report["confusion"]) == 3 and sum(map(sum, report["confusion"])) == 12
@@ -95,8 +96,8 @@ def test_knn_cli_report_files_and_presets(tmp_path, labelled_dir, val_dir, model
     assert "top-1 %" in result.output
     moco = runner.invoke(app, [*args, "--out", str(tmp_path / "m"), "--preset", "moco"])
     report = json.loads((tmp_path / "m" / "report.json").read_text())
-    assert moco.exit_code == 0 and report["k"] == 200 and report["temperature"] == 0.1
-    assert list(report["by_k"]) == ["200"]
+    assert moco.exit_code == 0 and report["preset"] == "moco" and report["temperature"] == 0.1
+    assert report["k"] == 24 and list(report["by_k"]) == ["24"]  # 200, capped
     explicit = runner.invoke(app, [*args, "--out", str(tmp_path / "e"), "-k", "3", "-t", "0.5"])
     report = json.loads((tmp_path / "e" / "report.json").read_text())
     assert explicit.exit_code == 0 and list(report["by_k"]) == ["3"]
