@@ -247,7 +247,7 @@ def export_checkpoint(
             import onnxruntime as ort
 
             path = staging / ONNX_FP16_FILE
-            _export_onnx(HalfPrecision(folded), path, size, opset, spec)
+            _export_onnx(HalfPrecision(folded).eval(), path, size, opset, spec)
             session16 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             parity["onnx_fp16"] = _parity(
                 lambda x: session16.run(None, {"images": x})[0], reference, size
