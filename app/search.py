@@ -68,23 +68,45 @@ def _placeholder(size: int, text: str) -> Image.Image:
 
 
 class Searcher:
-    """An index opened once, searched by many requests (thread-safe)."""
+    """An opened index, searched by many requests (thread-safe).
 
-    def __init__(self, index: ImageIndex, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> None:
-        self.index = index
+    It may start without one (`index=None`, while a service loads) and take a new one at
+    any time (`swap`, after a hot reload); a request uses the index it started with.
+    """
+
+    def __init__(self, index: ImageIndex | None, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> None:
         self.max_upload_bytes = max_upload_bytes
         self._lock = threading.Lock()  # one SQLite connection and one FAISS index
-        self.ids = [int(i) for i in index.sidecar.ids()]
-        self.labels = index.sidecar.labels()
+        self.thumbnail = functools.lru_cache(maxsize=2048)(self._thumbnail)
+        self.index: ImageIndex | None = None
+        self.ids: list[int] = []
+        self.labels: list[str] = []
+        self.facts: dict[str, Any] = {}
+        if index is not None:
+            self.swap(index)
+
+    def swap(self, index: ImageIndex, lock: threading.Lock | None = None) -> None:
+        """Search `index` from now on (ids are never reused, so cached thumbnails stay true)."""
         info = index.info()
-        self.facts = {
+        facts = {
             "model": Path(info["model"] or "?").name,
             "images": info["items"],
             "dim": info["dim"],
             "index": info["factory"],
             "device": f"{index.encoder.provider} · FAISS {info['search_device']}",
         }
-        self.thumbnail = functools.lru_cache(maxsize=2048)(self._thumbnail)
+        ids, labels = [int(i) for i in index.sidecar.ids()], index.sidecar.labels()
+        with self._lock:
+            self.ids, self.labels, self.facts = ids, labels, facts
+            self.index = index
+            if lock is not None:
+                self._lock = lock  # the service's lock of this index
+
+    def _current(self) -> ImageIndex:
+        index = self.index
+        if index is None:
+            raise SearchError("The index is still loading; try again in a moment.")
+        return index
 
     def check_label(self, label: Any) -> str | None:
         """A label filter from a client: none, or one of the index's labels."""
@@ -102,7 +124,8 @@ class Searcher:
         if image is None or image == "":
             raise SearchError("Upload or paste an image first (or pick a random indexed one).")
         k, label = check_k(k), self.check_label(label)
-        if len(self.index) == 0:
+        index = self._current()
+        if len(index) == 0:
             raise SearchError("The index is empty: embed some images into it first.")
         if not isinstance(image, Image.Image):
             path = Path(image)
@@ -112,12 +135,12 @@ class Searcher:
                 mb = self.max_upload_bytes / 2**20
                 raise SearchError(f"The image is larger than {mb:.0f} MB.")
         try:
-            vectors = self.index.embed_images([image])
+            vectors = index.embed_images([image])
         except UserError as e:
             reason = str(e).split(": ", 1)[-1]  # drop the temp path of the upload
             raise SearchError(f"That file cannot be used: {reason}.") from None
         with self._lock:
-            hits = self.index.search_vectors(vectors, k, label)[0]
+            hits = index.search_vectors(vectors, k, label)[0]
         return self._results(hits)
 
     def search_id(self, item_id: Any, k: Any, label: Any = None) -> list[Result]:
@@ -125,9 +148,10 @@ class Searcher:
         k, label = check_k(k), self.check_label(label)
         if isinstance(item_id, bool) or not isinstance(item_id, int):
             raise SearchError("That is not an indexed image.")
+        index = self._current()
         with self._lock:
             try:
-                hits = self.index.search_ids([item_id], k, label)[0]
+                hits = index.search_ids([item_id], k, label)[0]
             except UserError:
                 raise SearchError("That is not an indexed image.") from None
         return self._results(hits)
@@ -144,8 +168,9 @@ class Searcher:
         The path comes from the sidecar, never from a client; a file that is gone or no
         longer decodes shows as a grey square.
         """
+        index = self._current()
         with self._lock:
-            item = self.index.items([item_id]).get(item_id)
+            item = index.items([item_id]).get(item_id)
         if item is None:
             raise SearchError("That is not an indexed image.")
         try:
@@ -160,6 +185,8 @@ class Searcher:
 
     def header(self) -> str:
         f = self.facts
+        if not f:
+            return "**Loading the index…**"
         return (
             f"**{f['images']:,} images** · model `{f['model']}` · {f['dim']}-d · "
             f"index `{f['index']}` · {f['device']}"

@@ -64,7 +64,7 @@ def build_app(searcher: Searcher, default_k: int = 12) -> gr.Blocks:
 
     def show(results: list[Result]):
         gallery = [(searcher.thumbnail(r.id), r.caption) for r in results]
-        status = f"{len(results)} most similar of {len(searcher.index):,}"
+        status = f"{len(results)} most similar of {len(searcher.ids):,}"
         return gallery, [r.to_dict() for r in results], [r.id for r in results], status
 
     def label_of(label: Any) -> Any:
@@ -97,7 +97,7 @@ def build_app(searcher: Searcher, default_k: int = 12) -> gr.Blocks:
 
     with gr.Blocks(title="mocoserve · similar images") as blocks:
         gr.Markdown("## Similar-image search")
-        gr.Markdown(searcher.header(), elem_id="facts")
+        facts = gr.Markdown(searcher.header(), elem_id="facts")
         with gr.Row():
             with gr.Column(scale=1):
                 query = query_image(
@@ -135,6 +135,13 @@ def build_app(searcher: Searcher, default_k: int = 12) -> gr.Blocks:
         query.upload(run, [query, k, label], shown, api_name=False)
         random_button.click(pick_random, [k, label], [query, *shown], api_name="random")
         gallery.select(clicked, [ids, k, label], [query, *shown], api_name=False)
+
+        def page() -> tuple[str, Any]:
+            """Each page load shows the index as it is now (a service reloads it)."""
+            choices = [ANY_LABEL, *searcher.labels]
+            return searcher.header(), gr.update(choices=choices, visible=bool(searcher.labels))
+
+        blocks.load(page, None, [facts, label], api_name=False)
     return blocks
 
 

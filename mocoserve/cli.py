@@ -10,6 +10,7 @@ import typer
 from mocoserve.commands import demo as demo_commands
 from mocoserve.commands import export as export_commands
 from mocoserve.commands import gui as app_commands
+from mocoserve.commands import index as index_commands
 from mocoserve.commands import knn as knn_commands
 from mocoserve.commands import serve as serve_commands
 from mocoserve.commands import train as train_commands
@@ -23,9 +24,10 @@ app = typer.Typer(
 )
 app.add_typer(train_commands.app)
 app.add_typer(export_commands.app)
-app.add_typer(serve_commands.app)
+app.add_typer(index_commands.app)
 app.add_typer(knn_commands.app)
 app.add_typer(app_commands.app)
+app.add_typer(serve_commands.app)
 app.add_typer(demo_commands.app)
 
 

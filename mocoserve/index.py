@@ -109,8 +109,10 @@ class ImageIndex:
         device: str,
         backend: str,
         flat_limit: int,
+        readonly: bool = False,
     ) -> None:
         self.path = path
+        self.readonly = readonly  # a reader: repairs in memory only, never writes a file
         self.sidecar = sidecar
         self.model_dir = model_dir
         self.device = device
@@ -310,6 +312,7 @@ class ImageIndex:
 
     def remove(self, paths: Iterable[str | Path]) -> int:
         """Remove these files from the index and save it; how many were there."""
+        self._writable()
         with writer_lock(self.path):
             removed = self.sidecar.remove_paths(os.path.abspath(p) for p in paths)
             self.save()
@@ -324,6 +327,7 @@ class ImageIndex:
         progress: ProgressFn | None = None,
     ) -> IngestCounts:
         """Decode, embed and commit files to the sidecar batch by batch (no index write)."""
+        self._writable()
         encoder = self.encoder
         self._ensure_meta(encoder)
         label_of = dict(zip(paths, labels, strict=True))
@@ -360,8 +364,18 @@ class ImageIndex:
         flush()
         return counts
 
+    def _writable(self) -> None:
+        if self.readonly:
+            raise UserError(f"{self.path} was opened read-only; open it for writing to change it")
+
+    @property
+    def version(self) -> int:
+        """How many times the index file has been saved (0 before the first save)."""
+        return int(self.sidecar.get_meta("version") or 0)
+
     def save(self) -> None:
         """Bring the FAISS index into agreement with the sidecar and write it atomically."""
+        self._writable()
         if not self.dim:
             return
         target = vec.choose_factory(
@@ -376,13 +390,16 @@ class ImageIndex:
         else:
             self._sync(self.index)
         vec.write_atomic(self.index, self.path)
-        self.sidecar.set_meta({"index_ntotal": str(self.index.ntotal)})
+        self.sidecar.set_meta(
+            {"index_ntotal": str(self.index.ntotal), "version": str(self.version + 1)}
+        )
         if self._searcher is not None:
             self._searcher.refresh()
 
     # internals
     def set_index_type(self, index_type: str, expected: int) -> None:
         """Check that FAISS can build `index_type` for this model, then record it for save()."""
+        self._writable()
         factory = vec.choose_factory(index_type, max(expected, 1), self.flat_limit)
         vec.new_index(factory, self.encoder.embedding_dim)  # a UserError before any work
         self.sidecar.set_meta({"index_type": index_type})
@@ -441,7 +458,8 @@ class ImageIndex:
         meta = {"factory": built.factory, "tuned_ntotal": str(n), "nprobe": "", "recall_at_10": ""}
         if built.nprobe is not None:
             meta |= {"nprobe": str(built.nprobe), "recall_at_10": f"{built.recall_at_10:.4f}"}
-        self.sidecar.set_meta(meta)
+        if not self.readonly:
+            self.sidecar.set_meta(meta)
 
 
 def _factory_of(index: faiss.Index) -> str:
@@ -479,8 +497,14 @@ def open(
     backend: str = "auto",
     create: bool = False,
     flat_limit: int = vec.FLAT_LIMIT,
+    readonly: bool = False,
 ) -> ImageIndex:
-    """Open an index (or start one: `create`); `model` defaults to the one it was built with."""
+    """Open an index (or start one: `create`); `model` defaults to the one it was built with.
+
+    `readonly`: a reader (search, the service) that never writes a file; where the FAISS
+    file lags the sidecar (a writer is between commits and its save) it patches the index
+    in memory.
+    """
     path = Path(path)
     db = sidecar_path(path)
     if not create and not db.is_file():
@@ -489,7 +513,9 @@ def open(
         raise UserError(f"{path} is not an index (no {db.name}); make one with mocoserve embed")
     if create and not path.parent.is_dir():
         raise UserError(f"folder {path.parent} does not exist")
-    sidecar = Sidecar(db)
+    if readonly and create:
+        raise ValueError("an index is created for writing, not read-only")
+    sidecar = Sidecar(db, readonly=readonly)
     stored_model = sidecar.get_meta("model_path")
     model_dir = Path(model) if model is not None else (Path(stored_model) if stored_model else None)
     if model is not None and sidecar.get_meta("model_sha256") is not None:
@@ -502,4 +528,4 @@ def open(
                 f"{path} was built with a different model than {model}; "
                 "embed into a new --index or use the model it was built with"
             )
-    return ImageIndex(path, sidecar, model_dir, device, backend, flat_limit)
+    return ImageIndex(path, sidecar, model_dir, device, backend, flat_limit, readonly)

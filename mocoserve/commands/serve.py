@@ -1,206 +1,156 @@
-"""`mocoserve embed` and `mocoserve search`: the serving path (no train or export import)."""
+"""`mocoserve serve`: the HTTP service (FastAPI under uvicorn), imported inside the command."""
 
 from __future__ import annotations
 
-import json
-import os
+import stat
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
 
-from mocoserve.commands.options import (
-    BatchSizeOpt,
-    DeviceOpt,
-    IndexArg,
-    KOpt,
-    ModelOpt,
-    QuietOpt,
-    WorkersOpt,
-    guarded,
-)
+from mocoserve.commands.options import DeviceOpt, ModelOpt, guarded
 from mocoserve.core.errors import UserError
-from mocoserve.core.files import shown
 
 app = typer.Typer()
 
 
+def read_api_keys(path: Path) -> tuple[str, ...]:
+    """One key a line (blank lines and # comments skipped); short or shared keys refused."""
+    if not path.is_file():
+        raise UserError(f"--api-key-file {path} is not a file")
+    keys = []
+    for line in path.read_text().splitlines():
+        key = line.strip()
+        if key and not key.startswith("#"):
+            if len(key) < 16 or any(c.isspace() for c in key):
+                raise UserError(f"{path}: API keys must be 16+ characters with no spaces")
+            keys.append(key)
+    if not keys:
+        raise UserError(f"{path} holds no API key (one a line)")
+    if stat.S_IMODE(path.stat().st_mode) & 0o004:
+        print(f"note: {path} is readable by every user; chmod o-r it", file=sys.stderr)
+    return tuple(keys)
+
+
 @app.command()
-def embed(
-    images: Annotated[list[Path], typer.Argument(help="Image folders (searched recursively).")],
-    index: Annotated[Path, typer.Option("--index", "-i", help="Index file to create or update.")],
+def serve(
+    index: Annotated[
+        Path | None, typer.Option("--index", "-i", help="Index made by embed (search + UI).")
+    ] = None,
     model: ModelOpt = None,
-    batch_size: BatchSizeOpt = None,
-    workers: WorkersOpt = None,
-    index_type: Annotated[
-        str | None,
-        typer.Option(
-            "--index-type",
-            help="auto | flat | ivf | hnsw | a FAISS factory string (default: auto for a new "
-            "index, else the type it has).",
-        ),
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind (0.0.0.0: every one).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port.")] = 8000,
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", help="Images per model call, at most.")
+    ] = 64,
+    max_delay_ms: Annotated[
+        float, typer.Option("--max-delay-ms", help="How long a batch waits to fill up.")
+    ] = 5.0,
+    max_queue: Annotated[
+        int, typer.Option("--max-queue", help="Images waiting for the model; beyond: 503.")
+    ] = 1024,
+    max_connections: Annotated[
+        int, typer.Option("--max-connections", help="Requests handled at once; beyond: 503.")
+    ] = 128,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option("--api-key-file", help="Keys, one a line: Authorization: Bearer KEY."),
     ] = None,
-    labels_from_folders: Annotated[
-        bool | None,
-        typer.Option(
-            "--labels-from-folders/--no-labels",
-            help="Label = top-level folder under IMAGES (the index remembers it: later runs "
-            "keep labelling); --no-labels drops the labels. Default: as the index was made.",
-        ),
+    ui: Annotated[bool, typer.Option("--ui/--no-ui", help="The Gradio page at /ui.")] = True,
+    max_upload_mb: Annotated[
+        float, typer.Option("--max-upload-mb", help="Largest request body.")
+    ] = 20.0,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option("--cors-origin", help="Allow browsers on this origin (repeatable)."),
     ] = None,
-    device: DeviceOpt = None,
-    strict: Annotated[
-        bool, typer.Option("--strict", help="Exit 1 if any file could not be embedded.")
+    expose_paths: Annotated[
+        bool, typer.Option("--expose-paths", help="Show server file paths in answers.")
     ] = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Embed image folders into a FAISS index + SQLite sidecar; reruns do only what changed."""
-
-    def work() -> int:
-        from mocoserve.embed import embed_folders
-
-        if model is None and not Path(f"{index}.db").is_file():
-            raise UserError("a new index needs --model (the package folder made by export)")
-        console = Console(stderr=True, quiet=quiet, soft_wrap=True)
-        progress = Progress(
-            TextColumn("[bold]embed"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-            disable=quiet,
-        )
-        task = {}
-
-        def on_start(todo: int, provider: str) -> None:
-            console.print(f"model {model or '(from the index)'} on {provider}; {todo} to embed")
-            task["id"] = progress.add_task("embed", total=todo, rate="")
-            progress.start()
-
-        def on_progress(n: int) -> None:
-            progress.advance(task["id"], n)
-            speed = progress.tasks[0].speed
-            progress.update(task["id"], rate=f"{speed:,.1f} img/s" if speed else "")
-
-        try:
-            summary = embed_folders(
-                images,
-                model,
-                index,
-                batch_size=batch_size or 64,
-                workers=workers,
-                index_type=index_type,
-                labels_from_folders=labels_from_folders,
-                device=device or "auto",
-                on_start=on_start,
-                on_progress=on_progress,
-            )
-        except KeyboardInterrupt:
-            progress.stop()
-            print(
-                f"interrupted: what was embedded is kept in {index}.db; "
-                "run the same command again to finish",
-                file=sys.stderr,
-            )
-            return 130
-        finally:
-            progress.stop()
-        out = Console(soft_wrap=True)
-        for path, error in summary.failures[:20]:
-            out.print(f"[yellow]failed[/] {escape(shown(path))}: {escape(error)}", soft_wrap=True)
-        if len(summary.failures) > 20:
-            out.print(f"... and {len(summary.failures) - 20} more (table failures in {index}.db)")
-        tuning = (
-            f", nprobe {summary.nprobe} (recall@10 {summary.recall_at_10:.3f})"
-            if summary.nprobe
-            else ""
-        )
-        out.print(
-            f"embedded {summary.embedded}, skipped {summary.skipped} (unchanged), "
-            f"failed {summary.failed}, removed {summary.removed} "
-            f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} img/s)"
-        )
-        out.print(
-            f"{index}: {summary.total} images, {summary.labelled} labelled, "
-            f"{summary.factory}{tuning}"
-        )
-        return 1 if strict and summary.failures else 0
-
-    code = guarded(work)
-    if code:
-        raise typer.Exit(code)
-
-
-@app.command()
-def search(
-    index: IndexArg,
-    queries: Annotated[list[Path], typer.Argument(help="Query image files.")],
-    k: KOpt = 10,
-    model: ModelOpt = None,
-    label: Annotated[
-        str | None, typer.Option("--label", help="Only return items with this label.")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout, for scripts.")] = False,
+    access_log: Annotated[
+        bool, typer.Option("--access-log", help="One log line per request.")
+    ] = False,
     device: DeviceOpt = None,
 ) -> None:
-    """Print the indexed images nearest to each query image, with cosine scores."""
+    """Serve embeddings and similar-image search over HTTP (+ the Gradio page at /ui).
+
+    POST /v1/embed, POST /v1/search, GET /v1/items/{id}[/image], GET /v1/info, /healthz,
+    /readyz, /metrics; OpenAPI at /openapi.json and /docs.
+    """
 
     def work() -> None:
-        import mocoserve.index
+        import logging
 
-        idx = mocoserve.index.open(index, model=model, device=device or "auto")
-        for q in queries:
-            if not q.is_file():
-                raise UserError(f"{q} is not a file")
-        if label is not None:
-            labels = idx.sidecar.labels()
-            if not labels:
-                raise UserError(f"{index} has no labels; embed with --labels-from-folders")
-            if label not in labels:
-                shown_labels = ", ".join(labels[:10]) + (" ..." if len(labels) > 10 else "")
-                raise UserError(f"label {label!r} is not in {index} (it has {shown_labels})")
-        results = idx.search_images(queries, k, label)
-        if as_json:
-            payload = [
-                {
-                    "query": str(q),
-                    "in_index": any(h.is_query for h in hits),
-                    "results": [{"rank": r, **h.to_dict()} for r, h in enumerate(hits, 1)],
-                }
-                for q, hits in zip(queries, results, strict=True)
-            ]
-            json.dump(payload, sys.stdout, indent=2)
-            sys.stdout.write("\n")
-            return
-        console = Console(soft_wrap=True)
-        for q, hits in zip(queries, results, strict=True):
-            inside = " (in the index)" if any(h.is_query for h in hits) else ""
-            table = Table(title=f"{escape(shown(q))}{inside}", title_justify="left")
-            for column in ("rank", "score", "label", "path"):
-                table.add_column(column, justify="right" if column in ("rank", "score") else "left")
-            for r, h in enumerate(hits, 1):
-                mark = "  ◀ the query" if h.is_query else ""
-                table.add_row(
-                    str(r),
-                    f"{h.score:.4f}",
-                    h.label or "",
-                    escape(shown(os.path.relpath(h.path))) + mark,
-                )
-            console.print(table)
+        import uvicorn
+
+        from mocoserve.core.manifest import Manifest
+        from mocoserve.service.app import create_app
+        from mocoserve.service.state import ServiceConfig
+
+        if index is None and model is None:
+            raise UserError("give --index (search and embeddings) or --model (embeddings only)")
+        if index is not None and not Path(f"{index}.db").is_file():
+            raise UserError(f"{index} is not an index (no {index}.db); make one with embed")
+        if model is not None:
+            Manifest.read(model)  # a clear error now, not in the background
+        checks = [
+            (1 <= port <= 65535, "--port must be from 1 to 65535"),
+            (1 <= max_batch <= 4096, "--max-batch must be from 1 to 4096"),
+            (0 <= max_delay_ms <= 10_000, "--max-delay-ms must be from 0 to 10000"),
+            (max_queue >= max_batch, "--max-queue must be at least --max-batch"),
+            (max_connections >= 1, "--max-connections must be at least 1"),
+            (0 < max_upload_mb <= 1024, "--max-upload-mb must be above 0, at most 1024"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        config = ServiceConfig(
+            model=model,
+            index=index,
+            device=device or "auto",
+            max_batch=max_batch,
+            max_delay_ms=max_delay_ms,
+            max_queue=max_queue,
+            max_upload_mb=max_upload_mb,
+            api_keys=read_api_keys(api_key_file) if api_key_file else (),
+            ui=ui,
+            cors_origins=tuple(cors_origin or ()),
+            expose_paths=expose_paths,
+        )
+        logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+        logging.getLogger("mocoserve").setLevel(logging.INFO)
+        failed: list[str] = []
+        server: uvicorn.Server | None = None
+
+        def fatal(message: str) -> None:
+            failed.append(message)
+            if server is not None:
+                server.should_exit = True
+
+        service = create_app(config, on_fatal=fatal)
+        server = uvicorn.Server(
+            uvicorn.Config(
+                service,
+                host=host,
+                port=port,
+                log_level="warning",
+                access_log=access_log,
+                limit_concurrency=max_connections,
+                timeout_graceful_shutdown=10,
+            )
+        )
+        where = f"http://{host}:{port}"
+        parts = ["API /v1 (docs: /docs)", *(["UI /ui"] if ui and index else [])]
+        print(f"serving on {where}: {', '.join(parts)}", flush=True)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            print("note: reachable from other machines (--host)", flush=True)
+            if not config.api_keys:
+                print("note: no --api-key-file: anyone who can reach it can use it", flush=True)
+        server.run()  # a port in use: uvicorn says so in one line and exits 1
+        if failed:
+            raise UserError(failed[0])
 
     guarded(work)

@@ -1,0 +1,1 @@
+"""`mocoserve serve`: the HTTP service for embeddings and similar-image search (FastAPI)."""
