@@ -1,6 +1,6 @@
 # mocoserve on NVIDIA GPUs: training (torchrun/DDP), export, embedding, search, k-NN reports.
 #   docker build -t mocoserve .
-#   docker run --gpus all --rm -v "$PWD:/work" -w /work mocoserve --help
+#   docker run --gpus all --rm -p 8000:8000 -v "$PWD:/data" mocoserve   (serve /data/out.faiss)
 # Two stages: the build stage installs into a venv; the runtime stage copies only the venv.
 
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS build
@@ -28,5 +28,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1
 USER mocoserve
 WORKDIR /home/mocoserve
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s \
+    CMD python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4)"
 ENTRYPOINT ["mocoserve"]
-CMD ["--help"]
+# the serving command: an index made by `mocoserve embed` mounted at /data
+CMD ["serve", "--index", "/data/out.faiss", "--host", "0.0.0.0", "--port", "8000"]

@@ -23,7 +23,6 @@ from PIL import Image
 from mocoserve.core.images import decode_image
 from mocoserve.model import resize_crop
 
-
 # JPEG draft decoding (DCT-domain downscaling) only down to 4x the resize target: the
 # antialiased resize from there matches a full decode (cosine >= 0.9999 to the training-time
 # eval transform, tests/test_service.py), while a 12-MP photo still decodes 2-4x faster.

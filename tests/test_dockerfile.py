@@ -57,3 +57,15 @@ def test_readme_docker_run_commands_are_real_commands():
     for command in set(runs):
         result = CliRunner().invoke(app, [command, "--help"])
         assert result.exit_code == 0, f"README runs `mocoserve {command}`, which does not exist"
+
+
+def test_the_images_command_is_the_service_with_real_options():
+    import json
+
+    (cmd,) = [json.loads(args) for op, args in instructions() if op == "CMD"]
+    assert cmd[0] == "serve" and "--index" in cmd and "0.0.0.0" in cmd
+    help_text = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).output
+    for option in (a for a in cmd if a.startswith("--")):
+        assert option in help_text, f"the Dockerfile runs serve {option}, which it lacks"
+    assert any(op == "EXPOSE" and "8000" in args for op, args in instructions())
+    assert re.search(r"docker run [^\n]*-p 8000:8000[^\n]* mocoserve serve", README)

@@ -28,6 +28,7 @@ ALLOWED = {
     "mocoserve.export": ("mocoserve.core", "mocoserve.train", "mocoserve.export"),
     **{m: SERVING for m in SERVING},
     "mocoserve.app": (*SERVING, "mocoserve.app"),
+    "mocoserve.service": (*SERVING, "mocoserve.app", "mocoserve.service"),
 }
 
 
@@ -110,7 +111,7 @@ def test_core_imports_nothing_of_ours_but_core():
 def test_serving_path_loads_neither_training_nor_export_nor_torch():
     code = (
         "import sys, mocoserve.cli, mocoserve.index, mocoserve.embed, mocoserve.report\n"
-        "import mocoserve.app.search, mocoserve.model\n"
+        "import mocoserve.app.search, mocoserve.model, mocoserve.service.app\n"
         "bad = [m for m in sys.modules if m.startswith(('mocoserve.train', 'mocoserve.export'))"
         " or m.split('.')[0] == 'torch']\n"
         "assert not bad, bad\n"

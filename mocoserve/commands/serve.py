@@ -77,7 +77,7 @@ def serve(
 ) -> None:
     """Serve embeddings and similar-image search over HTTP (+ the Gradio page at /ui).
 
-    POST /v1/embed, POST /v1/search, GET /v1/items/{id}[/image], GET /v1/info, /healthz,
+    POST /v1/embed, POST /v1/search, GET /v1/items/{id} and its /image, GET /v1/info, /healthz,
     /readyz, /metrics; OpenAPI at /openapi.json and /docs.
     """
 
