@@ -534,3 +534,24 @@ def test_a_full_queue_is_503_with_retry_after(world):
     assert statuses == [200, 200, 503], [r.text for r in replies]
     busy = next(r for r in replies if r.status_code == 503)
     assert busy.json()["error"]["code"] == "busy" and busy.headers["retry-after"] == "1"
+
+
+@pytest.mark.parametrize("origins", [(), ("https://app.example.com",)])
+def test_cors_is_off_unless_an_origin_is_given(world, origins):
+    from fastapi.testclient import TestClient
+
+    from mocoserve.service.app import create_app
+    from mocoserve.service.state import ServiceConfig
+
+    app = create_app(ServiceConfig(model=world["package"], cors_origins=origins))
+    preflight = {
+        "Origin": "https://app.example.com",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    with TestClient(app) as http:
+        answer = http.options("/v1/embed", headers=preflight)
+        health = http.get("/healthz", headers={"Origin": "https://evil.example.net"})
+    allowed = answer.headers.get("access-control-allow-origin")
+    assert allowed == ("https://app.example.com" if origins else None)
+    assert "access-control-allow-origin" not in health.headers  # another origin: never
