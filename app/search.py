@@ -95,7 +95,7 @@ class Searcher:
             "index": info["factory"],
             "device": f"{index.encoder.provider} · FAISS {info['search_device']}",
         }
-        ids, labels = [int(i) for i in index.sidecar.ids()], index.sidecar.labels()
+        ids, labels = [int(i) for i in index.ids()], index.labels()
         with self._lock:
             self.ids, self.labels, self.facts = ids, labels, facts
             self.index = index

@@ -25,6 +25,7 @@ app = typer.Typer(
 app.add_typer(train_commands.app)
 app.add_typer(export_commands.app)
 app.add_typer(index_commands.app)
+app.add_typer(index_commands.index_app)
 app.add_typer(knn_commands.app)
 app.add_typer(app_commands.app)
 app.add_typer(serve_commands.app)

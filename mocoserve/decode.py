@@ -98,8 +98,14 @@ def _worker_init() -> None:
 
 
 def default_workers() -> int:
-    """Decoder processes: one core is left to the model, at most 8."""
-    return max(1, min(8, (os.cpu_count() or 1) - 1))
+    """Decoder processes: the cores this process may use (shared by torchrun's processes on
+    the node), one left to the model, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, cores // local - 1))
 
 
 def decode_files(

@@ -1,8 +1,16 @@
-"""`embed_folders`: image folders -> an index, resumable and incremental.
+"""`embed_folders`: image folders -> an index, resumable, incremental, on one or many processes.
 
-A run scans the folders, compares every file's size and mtime with the sidecar, removes
-what was deleted, embeds what is new or changed (and what failed before), and saves the
-index. Killed at any point, the next run picks up after the last committed batch.
+A run scans the folders, compares every file's size and mtime with what its shard holds,
+removes what was deleted, embeds what is new or changed (and what failed before), and
+builds the FAISS file. Killed at any point, the next run picks up after the last committed
+batch. Three ways to run it, the same index either way:
+
+- one process: it writes every shard and builds;
+- `torchrun --nproc_per_node 8 -m mocoserve embed ...`: rank r writes the shards s with
+  s % world == r (on GPU `LOCAL_RANK`); rank 0 made the index and builds it after every rank
+  has finished (the process group only agrees: no vector travels through it);
+- `mocoserve embed ... --shard I/N` (a SLURM array task, or hosts that share only a file
+  system): shard I, then stop; the last shard to finish builds (or `mocoserve index build`).
 """
 
 from __future__ import annotations
@@ -10,15 +18,29 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mocoserve import index as index_mod
-from mocoserve.core.errors import UserError
+from mocoserve.cluster import Group
+from mocoserve.core.errors import RunError, UserError
 from mocoserve.core.images import iter_image_files
 from mocoserve.decode import default_workers
 from mocoserve.model import load
+from mocoserve.store import ShardedStore, open_store, shard_of, sidecar_path
 from mocoserve.vectors import FLAT_LIMIT
+from mocoserve.writer import IndexWriter, ingest, shards_done
+
+
+@dataclass
+class ShardSummary:
+    """One shard's part of a run."""
+
+    shard: int
+    rank: int = 0
+    embedded: int = 0
+    skipped: int = 0
+    failed: int = 0
+    removed: int = 0
 
 
 @dataclass
@@ -38,7 +60,11 @@ class EmbedSummary:
     nprobe: int | None = None
     recall_at_10: float | None = None
     provider: str = ""
-    repaired: bool = False
+    built: bool = False  # this process built the FAISS file
+    shards: list[ShardSummary] = field(default_factory=list)
+    rates: dict[int, float] = field(default_factory=dict)  # rank -> images/s
+    stages: dict[str, float] = field(default_factory=dict)  # decode_wait, embed, commit (s)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
@@ -53,8 +79,16 @@ class FoundFile:
     mtime: int
 
 
-def scan(roots: Sequence[str | Path], labels_from_folders: bool) -> list[FoundFile]:
-    """Image files under the roots (a root may also be one file), each once, in order."""
+def scan(
+    roots: Sequence[str | Path],
+    labels_from_folders: bool,
+    keep: Callable[[str], bool] | None = None,
+) -> list[FoundFile]:
+    """Image files under the roots (a root may also be one file), each once, in order.
+
+    `keep(path)` picks the files of this process's shards before they are stat'ed, so a
+    process of many reads the size and mtime of its own files only.
+    """
     found: dict[str, FoundFile] = {}
     for root in roots:
         root = Path(root)
@@ -63,7 +97,7 @@ def scan(roots: Sequence[str | Path], labels_from_folders: bool) -> list[FoundFi
         files = [root] if root.is_file() else iter_image_files(root)
         for file in files:
             path = os.path.abspath(file)
-            if path in found:
+            if path in found or (keep is not None and not keep(path)):
                 continue
             label = None
             if labels_from_folders and root.is_dir():
@@ -81,9 +115,30 @@ def _under(path: str, roots: Sequence[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """`I/N` -> (I, N), with 0 <= I < N."""
+    left, sep, right = text.partition("/")
+    if not sep or not left.strip().isdigit() or not right.strip().isdigit():
+        raise UserError(f"--shard takes I/N (e.g. 3/8), got {text!r}")
+    i, n = int(left), int(right)
+    if not 0 <= i < n:
+        raise UserError(f"--shard {text}: I must be from 0 to N-1")
+    return i, n
+
+
+def _stored_model(index_path: Path) -> str | None:
+    if not sidecar_path(index_path).is_file():
+        return None
+    store = open_store(index_path)
+    try:
+        return store.get_meta("model_path")
+    finally:
+        store.close()
+
+
 def embed_folders(
     roots: Sequence[str | Path],
-    model: str | Path,
+    model: str | Path | None,
     index_path: str | Path,
     batch_size: int = 64,
     workers: int | None = None,
@@ -94,14 +149,19 @@ def embed_folders(
     flat_limit: int = FLAT_LIMIT,
     on_start: Callable[[int, str], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    shard: tuple[int, int] | None = None,
+    shards: int | None = None,
+    store_dtype: str | None = None,
+    group: Group | None = None,
 ) -> EmbedSummary:
     """Embed every image under `roots` into the index at `index_path` (created if new).
 
     `index_type` None keeps the type the index was made with (auto for a new one).
-    `labels_from_folders` None keeps how the index was labelled (its sidecar remembers):
+    `labels_from_folders` None keeps how the index was labelled (the catalog remembers):
     True labels every item by its top-level folder, False drops the labels.
-
-    `on_start(todo, provider)` and `on_progress(n)` drive a progress bar.
+    `shard` (I, N): write shard I of N only. `shards` and `store_dtype` (float32 or float16)
+    are fixed when an index is made. `on_start(todo, provider)` and `on_progress(n)` drive a
+    progress bar.
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
@@ -111,67 +171,207 @@ def embed_folders(
     index_path = Path(index_path)
     if not index_path.parent.is_dir():
         raise UserError(f"folder {index_path.parent} does not exist (for --index {index_path})")
-    if index_path.exists() and not index_mod.sidecar_path(index_path).is_file():
-        raise UserError(
-            f"{index_path} exists and is not an index made by embed (no "
-            f"{index_mod.sidecar_path(index_path).name}); choose another --index"
-        )
-    if labels_from_folders is None:
-        labels_from_folders = index_mod.labelled_by_folders(index_path)
-    files = scan(roots, labels_from_folders)
-    abs_roots = [os.path.abspath(r) for r in roots]
+    group = group or Group.from_env()
+    if group.distributed and shard is not None:
+        raise UserError("--shard is for separate processes; under torchrun the ranks share shards")
+    model = model if model is not None else _stored_model(index_path)
+    if model is None:
+        raise UserError("a new index needs --model (the package folder made by export)")
     # the package is verified (sha256s, its manifest against the model) before any file of
     # the index is written: a bad package leaves nothing behind
-    loaded = load(model, backend, device) if model is not None else None
-    with index_mod.writer_lock(index_path):
-        idx = index_mod.open(index_path, model, device, backend, create=True, flat_limit=flat_limit)
+    encoder = load(model, backend, device, device_id=group.local_rank)
+    # the shard count: fixed when the index is made (by default one per process of the run)
+    new = not sidecar_path(index_path).exists()
+    if shard is not None:
+        count: int | None = shard[1]
+    elif shards is not None:
+        count = shards
+    else:
+        count = group.world if new else None
+
+    writer: IndexWriter | None = None
+    summary = EmbedSummary(provider=encoder.provider)
+    try:
+        # 1. the catalog: made, migrated and checked under the index lock, by one process
+        verdict = None
+        if group.rank == 0:
+            try:
+                writer = IndexWriter(
+                    index_path, lock=True, wait=shard is not None, flat_limit=flat_limit
+                )
+                writer.prepare(encoder, count, store_dtype, index_type, labels_from_folders)
+                summary.notes += writer.notes
+                if shard is not None:  # a --shard task holds the lock only to prepare
+                    writer.close()
+                    writer = None
+            except UserError as e:
+                verdict = str(e)
+        verdict = group.broadcast(verdict)
+        if verdict is not None:
+            raise UserError(verdict)
+        if writer is None:
+            writer = IndexWriter(index_path, lock=False, flat_limit=flat_limit)
+
+        # 2. this process's shards: diff against the folders, remove, relabel, ingest
+        n = writer.shard_count
+        mine = [shard[0]] if shard else [s for s in range(n) if s % group.world == group.rank]
+        status: dict = {"rank": group.rank}
         try:
-            if loaded is not None:
-                idx.attach(loaded)
-            encoder = idx.encoder
-            if index_type is not None:
-                idx.set_index_type(index_type, len(files))
-            idx.sidecar.set_meta({"labels": "folders" if labels_from_folders else "none"})
-            summary = EmbedSummary(provider=encoder.provider, repaired=idx.repaired)
-            known = idx.sidecar.stats()
-            present = {f.path for f in files}
-            gone = [p for p in known if p not in present and _under(p, abs_roots)]
-            gone_failures = [
-                p for p, _ in idx.sidecar.failures() if p not in present and _under(p, abs_roots)
-            ]
-            summary.removed = idx.sidecar.remove_paths(gone + gone_failures)
-            todo, relabel = [], []
-            for f in files:
-                row = known.get(f.path)
-                if row is not None and (row[1], row[2]) == (f.bytes, f.mtime):
-                    summary.skipped += 1
-                    if row[3] != f.label:
-                        relabel.append((f.label, f.path))
-                else:
-                    todo.append(f)
-            if relabel:
-                idx.sidecar.set_labels(relabel)
-                summary.relabelled = len(relabel)
-            if on_start is not None:
-                on_start(len(todo), encoder.provider)
-            counts = idx.ingest(
-                [f.path for f in todo],
-                [f.label for f in todo],
-                batch_size,
-                default_workers() if workers is None else workers,
-                on_progress,
+            _embed_shards(
+                writer, mine, n, roots, encoder, batch_size, workers, summary, on_start, on_progress
             )
-            summary.embedded, summary.failed = counts.embedded, counts.failed
-            idx.save()
-            meta = idx.sidecar.meta()
-            summary.total = len(idx)
-            summary.labelled = idx.sidecar.labelled()
-            summary.failures = idx.sidecar.failures()
-            summary.factory = meta.get("factory", "Flat")
-            summary.nprobe = int(meta["nprobe"]) if meta.get("nprobe") else None
-            if meta.get("recall_at_10") and summary.nprobe:
-                summary.recall_at_10 = float(meta["recall_at_10"])
-        finally:
-            idx.sidecar.close()
+            status["summary"] = asdict(summary)
+        except (UserError, RunError, OSError) as e:
+            status["error"] = f"{type(e).__name__}: {e}"
+            if not group.distributed:
+                raise
+        statuses = group.gather(status)
+        failed = [s for s in statuses if "error" in s]
+        if failed:
+            first = failed[0]
+            message = first["error"].split(": ", 1)[1]
+            raise RunError(f"rank {first['rank']}: {message}" if group.distributed else message)
+        if group.distributed:
+            _combine(summary, [s["summary"] for s in statuses])
+
+        # 3. the FAISS file: built by rank 0 (after every rank has finished: the gather above)
+        if writer.locked:
+            _build(writer, summary)
+        elif shard is not None:
+            _build_if_last(index_path, flat_limit, shard, summary)
+        _totals(index_path, summary)
+    finally:
+        if writer is not None:
+            writer.close()
     summary.seconds = time.perf_counter() - started
+    summary.rates[group.rank] = summary.images_per_second
     return summary
+
+
+def _embed_shards(
+    writer: IndexWriter,
+    mine: list[int],
+    n: int,
+    roots: Sequence[str | Path],
+    encoder,
+    batch_size: int,
+    workers: int | None,
+    summary: EmbedSummary,
+    on_start,
+    on_progress,
+) -> None:
+    writer.own(mine)
+    for s in mine:
+        writer.mark(s, "started")
+    owned = set(mine)
+    files = scan(roots, writer.labelled_by_folders(), keep=lambda p: shard_of(p, n) in owned)
+    abs_roots = [os.path.abspath(r) for r in roots]
+    todo, relabel_by_shard = [], {}
+    for s in mine:
+        part = ShardSummary(s)
+        shard = writer.shards[s]
+        known = shard.stats()
+        here = [f for f in files if shard_of(f.path, n) == s]
+        present = {f.path for f in here}
+        gone = [p for p in known if p not in present and _under(p, abs_roots)]
+        gone += [p for p, _ in shard.failures() if p not in present and _under(p, abs_roots)]
+        part.removed = shard.remove_paths(gone)
+        relabel = []
+        for f in here:
+            row = known.get(f.path)
+            if row is not None and (row[1], row[2]) == (f.bytes, f.mtime):
+                part.skipped += 1
+                if row[3] != f.label:
+                    relabel.append((f.label, f.path))
+            else:
+                todo.append(f)
+        if relabel:
+            shard.set_labels(relabel)
+            relabel_by_shard[s] = len(relabel)
+        summary.shards.append(part)
+    summary.skipped = sum(p.skipped for p in summary.shards)
+    summary.removed = sum(p.removed for p in summary.shards)
+    summary.relabelled = sum(relabel_by_shard.values())
+    if on_start is not None:
+        on_start(len(todo), encoder.provider)
+    counts = ingest(
+        encoder,
+        [f.path for f in todo],
+        [f.label for f in todo],
+        writer.commit,
+        batch_size,
+        default_workers() if workers is None else workers,
+        on_progress,
+    )
+    by_shard = {p.shard: p for p in summary.shards}
+    embedded_paths = {f.path for f in todo} - {p for p, _ in counts.failures}
+    for path in embedded_paths:
+        by_shard[shard_of(path, n)].embedded += 1
+    for path, _ in counts.failures:
+        by_shard[shard_of(path, n)].failed += 1
+    summary.embedded, summary.failed = counts.embedded, counts.failed
+    summary.stages = {
+        "decode_wait": counts.decode_wait_s,
+        "embed": counts.embed_s,
+        "commit": counts.commit_s,
+    }
+    for s in mine:
+        writer.mark(s, "completed")
+    summary.failures = sorted(f for s in mine for f in writer.shards[s].failures())
+
+
+def _combine(summary: EmbedSummary, parts: list[dict]) -> None:
+    """Rank 0's view of the whole run: every rank's counts, shards, rates and failures."""
+    for key in ("embedded", "skipped", "failed", "removed", "relabelled"):
+        setattr(summary, key, sum(p[key] for p in parts))
+    summary.shards = sorted(
+        (ShardSummary(**{**s, "rank": r}) for r, p in enumerate(parts) for s in p["shards"]),
+        key=lambda s: s.shard,
+    )
+    summary.failures = sorted(tuple(f) for p in parts for f in p["failures"])
+    summary.stages = {
+        k: max(p["stages"].get(k, 0.0) for p in parts) for k in ("decode_wait", "embed", "commit")
+    }
+    summary.rates = {r: p["embedded"] / max(p["seconds"], 1e-9) for r, p in enumerate(parts)}
+
+
+def _build(writer: IndexWriter, summary: EmbedSummary) -> None:
+    built = writer.build()
+    summary.built = True
+    summary.factory, summary.nprobe, summary.recall_at_10 = (
+        built.factory,
+        built.nprobe,
+        built.recall_at_10,
+    )
+
+
+def _build_if_last(
+    index_path: Path, flat_limit: int, shard: tuple[int, int], summary: EmbedSummary
+) -> None:
+    """A --shard task: build when every shard has completed a pass, unless built since."""
+    done, newest = shards_done(index_path)
+    if not done:
+        summary.notes.append(
+            f"shard {shard[0]} of {shard[1]} done; the last shard to finish builds the index "
+            f"(or: mocoserve index build {index_path})"
+        )
+        return
+    with IndexWriter(index_path, lock=True, wait=True, flat_limit=flat_limit) as writer:
+        if float(writer.catalog().get_meta("built_at") or 0) >= newest:
+            summary.notes.append("the index was built by another shard meanwhile")
+            return
+        _build(writer, summary)
+
+
+def _totals(index_path: Path, summary: EmbedSummary) -> None:
+    store = ShardedStore(index_path)
+    try:
+        summary.total = len(store)
+        summary.labelled = store.labelled()
+        meta = store.meta()
+        summary.factory = summary.factory or meta.get("factory", "Flat")
+        if meta.get("nprobe"):
+            summary.nprobe = int(meta["nprobe"])
+            summary.recall_at_10 = float(meta["recall_at_10"]) if meta.get("recall_at_10") else None
+    finally:
+        store.close()

@@ -1,22 +1,22 @@
-"""An image index: a FAISS file (`out.faiss`) and its SQLite sidecar (`out.faiss.db`).
+"""An image index, read: a FAISS file (`out.faiss`) and its store, searched by image, vector or id.
 
     import mocoserve.index
     index = mocoserve.index.open("out.faiss")
     hits = index.search_images(["query.jpg"], k=10)[0]
 
-The sidecar holds every item with its vector and is committed batch by batch; the FAISS
-file is derived from it, patched or rebuilt to hold exactly the sidecar's ids, and
-written atomically. Opening checks that the two agree and repairs the in-memory index
-from the sidecar when a run was killed between its last commit and the index write.
+The store is format 2 (`mocoserve.store`: a catalog and shards of metadata and vectors) or
+format 1 (`mocoserve.sidecar`: everything in one SQLite file, from before sharding). The
+FAISS file is derived from the store; opening checks that the two agree and patches the
+in-memory index where a writer is between its commits and its next build. A reader never
+writes a file: changes go through `mocoserve.writer.IndexWriter` (`add` and `remove` here
+open one).
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,11 +28,25 @@ from PIL import Image
 
 from mocoserve import vectors as vec
 from mocoserve.core.errors import UserError
-from mocoserve.decode import Decoded, decode_file, decode_files
-from mocoserve.model import PackageEncoder, load, resize_crop, sha256_file, to_input
-from mocoserve.sidecar import Item, NewItem, Sidecar
+from mocoserve.decode import decode_file
+from mocoserve.model import PackageEncoder, load, resize_crop, to_input
+from mocoserve.sidecar import Item, Sidecar
+from mocoserve.store import ShardedStore, open_store, sidecar_path
+from mocoserve.writer import IngestCounts, acquire_lock, model_fingerprint
 
-ProgressFn = Callable[[int], None]
+__all__ = [
+    "Hit",
+    "ImageIndex",
+    "IngestCounts",
+    "Item",
+    "labelled_by_folders",
+    "model_fingerprint",
+    "open",
+    "sidecar_path",
+    "writer_lock",
+]
+
+Store = ShardedStore | Sidecar
 
 
 @dataclass(frozen=True)
@@ -52,96 +66,134 @@ class Hit:
         return asdict(self)
 
 
-@dataclass
-class IngestCounts:
-    """What one pass of embedding did."""
-
-    embedded: int = 0
-    failed: int = 0
-    failures: list[tuple[str, str]] | None = None
-
-
-def sidecar_path(index_path: str | Path) -> Path:
-    return Path(f"{index_path}.db")
-
-
-def model_fingerprint(model_dir: str | Path) -> str:
-    """sha256 of a package's manifest.json (which lists every file's sha256)."""
-    return sha256_file(Path(model_dir) / "manifest.json")
-
-
-def labelled_by_folders(index_path: str | Path) -> bool:
-    """Whether an existing index was labelled from folder names (False for a new one)."""
-    db = sidecar_path(index_path)
-    if not db.is_file():
-        return False
-    sidecar = Sidecar(db, readonly=True)
-    try:
-        return sidecar.get_meta("labels") == "folders" or (
-            sidecar.get_meta("labels") is None and bool(sidecar.labels())
-        )
-    finally:
-        sidecar.close()
-
-
 @contextmanager
 def writer_lock(index_path: str | Path):
     """One writer per index: a second `embed` on the same index fails fast."""
-    fd = os.open(f"{index_path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = acquire_lock(index_path)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"{index_path} is being written by another process") from None
         yield
     finally:
         os.close(fd)  # closing releases the lock
 
 
+def labelled_by_folders(index_path: str | Path) -> bool:
+    """Whether an existing index was labelled from folder names (False for a new one)."""
+    if not sidecar_path(index_path).is_file():
+        return False
+    store = open_store(index_path)
+    try:
+        mode = store.get_meta("labels")
+        return mode == "folders" or (mode is None and bool(store.labels()))
+    finally:
+        store.close()
+
+
+# --- the FAISS file from a store (readers repair in memory; the writer also saves) ---
+
+
+def same_kind(current: str, target: str) -> bool:
+    """Whether an index built as `current` can be kept for `target` (IVF: nlist within 2x)."""
+    if current == target:
+        return True
+    a, b = (re.fullmatch(r"IVF(\d+),Flat", f) for f in (current, target))
+    return bool(a and b and 0.5 <= int(a[1]) / int(b[1]) <= 2.0)
+
+
+def _factory_of(index: faiss.Index) -> str:
+    """A coarse description to notice an index file that is not the one the catalog names."""
+    ivf = vec.base_ivf(index)
+    if ivf is not None:
+        return f"IVF{ivf.nlist}"
+    inner = faiss.downcast_index(index.index)
+    kind = "Flat" if isinstance(inner, faiss.IndexFlat) else type(inner).__name__
+    return f"{kind}/{inner.metric_type}"
+
+
+def load_faiss(
+    store: Store, path: Path, factory: str, dim: int
+) -> tuple[faiss.IndexIDMap2 | None, bool]:
+    """The FAISS file, patched in memory to hold exactly the store's ids; (index, repaired).
+
+    None when the file is missing, unreadable or not of the kind the catalog names.
+    """
+    if not dim:
+        return None, False
+    index = vec.read(path, dim)
+    if index is None or _factory_of(index) != _factory_of(vec.new_index(factory, dim)):
+        return None, True
+    return index, vec.sync(index, store.ids(), store.vectors) > 0
+
+
+def build_faiss(store: Store, factory: str) -> vec.Built:
+    """A new FAISS index from every vector of the store (trained on a sample; IVF tuned)."""
+    n, dim = len(store), int(store.get_meta("dim") or 0)
+    if n == 0:
+        factory = "Flat"  # nothing to train on; the next build picks the type again
+    ids = store.ids()
+    rng = np.random.default_rng(0)
+
+    def sample(m: int) -> np.ndarray:
+        picked = np.sort(rng.choice(ids, size=min(m, len(ids)), replace=False))
+        return np.concatenate([v for _, v in store.vectors(picked)])
+
+    return vec.build(factory, dim, store.vectors, sample, n)
+
+
 class ImageIndex:
-    """Search, add and remove images; see the module docstring."""
+    """Search an index; see the module docstring."""
 
     def __init__(
         self,
         path: Path,
-        sidecar: Sidecar,
+        store: Store,
         model_dir: Path | None,
         device: str,
         backend: str,
-        flat_limit: int,
-        readonly: bool = False,
+        readonly: bool = True,
     ) -> None:
         self.path = path
-        self.readonly = readonly  # a reader: repairs in memory only, never writes a file
-        self.sidecar = sidecar
+        self.readonly = readonly  # True: add/remove refused (a service, a search)
+        self.store = store
         self.model_dir = model_dir
         self.device = device
         self.backend = backend
-        self.flat_limit = flat_limit
-        self.dim = int(sidecar.get_meta("dim") or 0)
         self._encoder: PackageEncoder | None = None
-        self.index: faiss.IndexIDMap2 | None = None
-        self.repaired = False  # True when the file on disk did not agree with the sidecar
-        if self.dim:
-            index = vec.read(path, self.dim)
-            if index is not None and self._kind_ok(index):
-                self.index, self.repaired = index, self._sync(index) > 0
-            else:
-                self._rebuild()
-                self.repaired = True
-        nprobe = sidecar.get_meta("nprobe")
+        self._searcher: vec.Searcher | None = None
+        self._load()
+
+    def _load(self) -> None:
+        store = self.store
+        self.dim = int(store.get_meta("dim") or 0)
+        self._len = len(store)
+        self.index, self.repaired = load_faiss(store, self.path, self.factory, self.dim)
+        if self.index is None and self.dim:
+            built = build_faiss(store, self.factory)  # in memory: a reader never writes
+            self.index = built.index
+        nprobe = store.get_meta("nprobe")
         self.nprobe = int(nprobe) if nprobe else None
         if self.index is not None:
             vec.set_search_params(self.index, self.nprobe)
-        self._searcher: vec.Searcher | None = None
+        self._searcher = None
+
+    def close(self) -> None:
+        self.store.close()
 
     # facts
     def __len__(self) -> int:
-        return len(self.sidecar)
+        return self._len
 
     @property
     def factory(self) -> str:
-        return self.sidecar.get_meta("factory") or "Flat"
+        return self.store.get_meta("factory") or "Flat"
+
+    @property
+    def version(self) -> int:
+        """How many times the index file has been saved (0 before the first save)."""
+        return int(self.store.get_meta("version") or 0)
+
+    @property
+    def format(self) -> int:
+        return 2 if isinstance(self.store, ShardedStore) else 1
 
     @property
     def searcher(self) -> vec.Searcher:
@@ -170,9 +222,25 @@ class ImageIndex:
         self._check_model(model_fingerprint(encoder.path), encoder.embedding_dim)
         self._encoder = encoder
 
+    def _check_model(self, fingerprint: str, dim: int) -> None:
+        built_with = self.store.get_meta("model_sha256")
+        if built_with is not None and built_with != fingerprint:
+            raise UserError(
+                f"{self.path} was built with a different model (manifest sha256 "
+                f"{built_with[:12]}…, this one {fingerprint[:12]}…); use a new --index"
+            )
+        if self.dim and dim != self.dim:
+            raise UserError(f"{self.path} holds {self.dim}-d vectors; this model makes {dim}-d")
+
+    def ids(self) -> np.ndarray:
+        return self.store.ids()
+
+    def labels(self) -> list[str]:
+        return self.store.labels()
+
     def info(self) -> dict[str, Any]:
         """Facts for headers and reports."""
-        meta = self.sidecar.meta()
+        meta = self.store.meta()
         return {
             "index": str(self.path),
             "items": len(self),
@@ -181,8 +249,10 @@ class ImageIndex:
             "nprobe": self.nprobe,
             "model": meta.get("model_path"),
             "model_sha256": meta.get("model_sha256"),
-            "labels": self.sidecar.labels(),
+            "labels": self.store.labels(),
             "search_device": self.searcher.device if self.index is not None else "cpu",
+            "format": self.format,
+            "shards": int(meta.get("shards") or 1),
         }
 
     # search
@@ -195,13 +265,13 @@ class ImageIndex:
             raise UserError(f"queries are {queries.shape[1]}-d, the index is {self.dim}-d")
         if k < 1:
             raise UserError(f"k must be at least 1, got {k}")
-        if len(self) == 0:
+        if len(self) == 0 or self.index is None:
             return [[] for _ in queries]
         if label is None:
             scores, ids = self.searcher.search(queries, k)
         else:
             scores, ids = self._search_label(queries, k, label)
-        items = self.sidecar.items(np.unique(ids[ids >= 0]))
+        items = self.store.items(np.unique(ids[ids >= 0]))
         return [
             [
                 Hit(int(i), float(s), **_item_fields(items[int(i)]))
@@ -212,7 +282,7 @@ class ImageIndex:
         ]
 
     def _search_label(self, queries: np.ndarray, k: int, label: str):
-        allowed = self.sidecar.ids_with_label(label)
+        allowed = self.store.ids_with_label(label)
         if len(allowed) == 0:
             empty = np.full((len(queries), k), -1, dtype=np.int64)
             return np.zeros((len(queries), k), dtype=np.float32), empty
@@ -266,14 +336,15 @@ class ImageIndex:
 
     def items(self, ids: Sequence[int]) -> dict[int, Item]:
         """id -> Item (path, label, sha256, size...) for the ids that are in the index."""
-        return self.sidecar.items(ids)
+        return self.store.items(ids)
 
     def vectors_of(self, ids: Sequence[int]) -> np.ndarray:
         """The stored vectors of these ids, in the order given; an unknown id is a UserError."""
         wanted = np.asarray(ids, dtype=np.int64).reshape(-1)
         found: dict[int, np.ndarray] = {}
-        for block_ids, block in self.sidecar.vectors(np.unique(wanted)):
-            found.update(zip(block_ids.tolist(), block, strict=True))
+        if len(wanted) and wanted.min() >= 0:
+            for block_ids, block in self.store.vectors(np.unique(wanted)):
+                found.update(zip(block_ids.tolist(), block, strict=True))
         missing = [int(i) for i in wanted if int(i) not in found]
         if missing:
             raise UserError(f"no item with id {missing[0]} in {self.path}")
@@ -291,7 +362,11 @@ class ImageIndex:
             for own, hits in zip(ids, results, strict=True)
         ]
 
-    # changes
+    # changes, through the index's writer
+    def _writable(self) -> None:
+        if self.readonly:
+            raise UserError(f"{self.path} was opened read-only; open it for writing to change it")
+
     def add(
         self,
         paths: Sequence[str | Path],
@@ -300,187 +375,45 @@ class ImageIndex:
         workers: int = 0,
     ) -> IngestCounts:
         """Embed these files (replacing any with the same path) and save the index."""
-        with writer_lock(self.path):
-            counts = self.ingest(
-                [os.path.abspath(p) for p in paths],
-                list(labels) if labels is not None else [None] * len(paths),
+        from mocoserve.writer import IndexWriter, ingest
+
+        self._writable()
+        absolute = [os.path.abspath(p) for p in paths]
+        with IndexWriter(self.path) as writer:
+            writer.prepare(self.encoder)
+            writer.own(range(writer.shard_count))
+            counts = ingest(
+                self.encoder,
+                absolute,
+                list(labels) if labels is not None else [None] * len(absolute),
+                writer.commit,
                 batch_size,
                 workers,
             )
-            self.save()
+            writer.build()
+        self._reopen()
         return counts
 
     def remove(self, paths: Iterable[str | Path]) -> int:
         """Remove these files from the index and save it; how many were there."""
+        from mocoserve.writer import IndexWriter
+
         self._writable()
-        with writer_lock(self.path):
-            removed = self.sidecar.remove_paths(os.path.abspath(p) for p in paths)
-            self.save()
+        with IndexWriter(self.path) as writer:
+            writer.prepare(self.encoder)
+            writer.own(range(writer.shard_count))
+            removed = writer.remove_paths(os.path.abspath(p) for p in paths)
+            writer.build()
+        self._reopen()
         return removed
 
-    def ingest(
-        self,
-        paths: Sequence[str],
-        labels: Sequence[str | None],
-        batch_size: int,
-        workers: int,
-        progress: ProgressFn | None = None,
-    ) -> IngestCounts:
-        """Decode, embed and commit files to the sidecar batch by batch (no index write)."""
-        self._writable()
-        encoder = self.encoder
-        self._ensure_meta(encoder)
-        label_of = dict(zip(paths, labels, strict=True))
-        counts = IngestCounts(failures=[])
-        ready: list[Decoded] = []
-        failed: list[tuple[str, str]] = []
-
-        def flush() -> None:
-            vectors = (
-                vec.normalize(encoder.embed(to_input(np.stack([d.pixels for d in ready]))))
-                if ready
-                else np.zeros((0, self.dim), dtype=np.float32)
-            )
-            added = [
-                NewItem(d.path, label_of[d.path], d.sha256, d.bytes, d.mtime, d.width, d.height, v)
-                for d, v in zip(ready, vectors, strict=True)
-            ]
-            self.sidecar.commit_batch(added, failed)
-            counts.embedded += len(added)
-            counts.failed += len(failed)
-            counts.failures.extend(failed)
-            if progress is not None:
-                progress(len(added) + len(failed))
-            ready.clear()
-            failed.clear()
-
-        for decoded in decode_files(paths, encoder.resize, encoder.input_size, workers):
-            if decoded.error:
-                failed.append((decoded.path, decoded.error))
-            else:
-                ready.append(decoded)
-            if len(ready) >= batch_size:
-                flush()
-        flush()
-        return counts
-
-    def _writable(self) -> None:
-        if self.readonly:
-            raise UserError(f"{self.path} was opened read-only; open it for writing to change it")
-
-    @property
-    def version(self) -> int:
-        """How many times the index file has been saved (0 before the first save)."""
-        return int(self.sidecar.get_meta("version") or 0)
-
-    def save(self) -> None:
-        """Bring the FAISS index into agreement with the sidecar and write it atomically."""
-        self._writable()
-        if not self.dim:
-            return
-        target = vec.choose_factory(
-            self.sidecar.get_meta("index_type") or "auto", len(self), self.flat_limit
-        )
-        if (
-            self.index is None
-            or not _same_kind(self.factory, target)
-            or (vec.base_ivf(self.index) is not None and self._needs_tuning())
-        ):
-            self._rebuild(target if not _same_kind(self.factory, target) else None)
-        else:
-            self._sync(self.index)
-        vec.write_atomic(self.index, self.path)
-        self.sidecar.set_meta(
-            {"index_ntotal": str(self.index.ntotal), "version": str(self.version + 1)}
-        )
-        if self._searcher is not None:
-            self._searcher.refresh()
-
-    # internals
-    def set_index_type(self, index_type: str, expected: int) -> None:
-        """Check that FAISS can build `index_type` for this model, then record it for save()."""
-        self._writable()
-        factory = vec.choose_factory(index_type, max(expected, 1), self.flat_limit)
-        vec.new_index(factory, self.encoder.embedding_dim)  # a UserError before any work
-        self.sidecar.set_meta({"index_type": index_type})
-
-    def _check_model(self, fingerprint: str, dim: int) -> None:
-        built_with = self.sidecar.get_meta("model_sha256")
-        if built_with is not None and built_with != fingerprint:
-            raise UserError(
-                f"{self.path} was built with a different model (manifest sha256 "
-                f"{built_with[:12]}…, this one {fingerprint[:12]}…); use a new --index"
-            )
-        if self.dim and dim != self.dim:
-            raise UserError(f"{self.path} holds {self.dim}-d vectors; this model makes {dim}-d")
-
-    def _ensure_meta(self, encoder: PackageEncoder) -> None:
-        if self.sidecar.get_meta("model_sha256") is None:
-            self.dim = encoder.embedding_dim
-            self.sidecar.set_meta(
-                {
-                    "model_sha256": model_fingerprint(encoder.path),
-                    "model_path": str(Path(encoder.path).resolve()),
-                    "dim": str(self.dim),
-                    "metric": "inner_product",
-                    "normalized": "true",
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                }
-            )
-
-    def _kind_ok(self, index: faiss.Index) -> bool:
-        """Whether an index file is of the type the sidecar says it built."""
-        return _factory_of(index) == _factory_of(vec.new_index(self.factory, self.dim))
-
-    def _sync(self, index: faiss.IndexIDMap2) -> int:
-        return vec.sync(index, self.sidecar.ids(), self.sidecar.vectors)
-
-    def _needs_tuning(self) -> bool:
-        tuned_at = int(self.sidecar.get_meta("tuned_ntotal") or 0)
-        return abs(len(self) - tuned_at) > 0.1 * max(tuned_at, 1)
-
-    def _rebuild(self, factory: str | None = None) -> None:
-        """Build the index from every vector in the sidecar (and retune IVF)."""
-        n = len(self)
-        factory = factory or self.factory
-        if n == 0:
-            factory = "Flat"  # nothing to train on; the next save picks the type again
-        ids = self.sidecar.ids()
-        rng = np.random.default_rng(0)
-
-        def sample(m: int) -> np.ndarray:
-            picked = np.sort(rng.choice(ids, size=min(m, len(ids)), replace=False))
-            return np.concatenate([v for _, v in self.sidecar.vectors(picked)])
-
-        built = vec.build(factory, self.dim, self.sidecar.vectors, sample, n)
-        self.index = built.index
-        self.nprobe = built.nprobe
-        meta = {"factory": built.factory, "tuned_ntotal": str(n), "nprobe": "", "recall_at_10": ""}
-        if built.nprobe is not None:
-            meta |= {"nprobe": str(built.nprobe), "recall_at_10": f"{built.recall_at_10:.4f}"}
-        if not self.readonly:
-            self.sidecar.set_meta(meta)
+    def _reopen(self) -> None:
+        self.store.close()
+        self.store = open_store(self.path)
+        self._load()
 
 
-def _factory_of(index: faiss.Index) -> str:
-    """A coarse description to notice an index file that is not the one the sidecar names."""
-    ivf = vec.base_ivf(index)
-    if ivf is not None:
-        return f"IVF{ivf.nlist}"
-    inner = faiss.downcast_index(index.index)
-    kind = "Flat" if isinstance(inner, faiss.IndexFlat) else type(inner).__name__
-    return f"{kind}/{inner.metric_type}"
-
-
-def _same_kind(current: str, target: str) -> bool:
-    """Whether an index built as `current` can be kept for `target` (IVF: nlist within 2x)."""
-    if current == target:
-        return True
-    a, b = (re.fullmatch(r"IVF(\d+),Flat", f) for f in (current, target))
-    return bool(a and b and 0.5 <= int(a[1]) / int(b[1]) <= 2.0)
-
-
-def _item_fields(item) -> dict[str, Any]:
+def _item_fields(item: Item) -> dict[str, Any]:
     return {
         "path": item.path,
         "label": item.label,
@@ -495,37 +428,37 @@ def open(
     model: str | Path | None = None,
     device: str = "auto",
     backend: str = "auto",
-    create: bool = False,
-    flat_limit: int = vec.FLAT_LIMIT,
     readonly: bool = False,
 ) -> ImageIndex:
-    """Open an index (or start one: `create`); `model` defaults to the one it was built with.
+    """Open an index to search; `model` defaults to the one it was built with.
 
-    `readonly`: a reader (search, the service) that never writes a file; where the FAISS
-    file lags the sidecar (a writer is between commits and its save) it patches the index
-    in memory.
+    `readonly` refuses `add`/`remove` (a service, a search). Opening never writes a file:
+    where the FAISS file lags the store (a writer is between its commits and its next
+    build), the index is patched in memory.
     """
     path = Path(path)
     db = sidecar_path(path)
-    if not create and not db.is_file():
+    if not db.is_file():
         if path.is_file():
-            raise UserError(f"{db} is missing; an index needs its sidecar (rebuild with embed)")
+            raise UserError(f"{db} is missing; an index needs its catalog (rebuild with embed)")
         raise UserError(f"{path} is not an index (no {db.name}); make one with mocoserve embed")
-    if create and not path.parent.is_dir():
-        raise UserError(f"folder {path.parent} does not exist")
-    if readonly and create:
-        raise ValueError("an index is created for writing, not read-only")
-    sidecar = Sidecar(db, readonly=readonly)
-    stored_model = sidecar.get_meta("model_path")
-    model_dir = Path(model) if model is not None else (Path(stored_model) if stored_model else None)
-    if model is not None and sidecar.get_meta("model_sha256") is not None:
-        if not Path(model).is_dir():
-            raise UserError(f"{model} is not a model package folder")
-        fingerprint = model_fingerprint(model) if (Path(model) / "manifest.json").is_file() else ""
-        if fingerprint and fingerprint != sidecar.get_meta("model_sha256"):
-            sidecar.close()
-            raise UserError(
-                f"{path} was built with a different model than {model}; "
-                "embed into a new --index or use the model it was built with"
-            )
-    return ImageIndex(path, sidecar, model_dir, device, backend, flat_limit, readonly)
+    store = open_store(path)
+    try:
+        stored_model = store.get_meta("model_path")
+        model_dir = (
+            Path(model) if model is not None else (Path(stored_model) if stored_model else None)
+        )
+        if model is not None and store.get_meta("model_sha256") is not None:
+            if not Path(model).is_dir():
+                raise UserError(f"{model} is not a model package folder")
+            manifest = Path(model) / "manifest.json"
+            fingerprint = model_fingerprint(model) if manifest.is_file() else ""
+            if fingerprint and fingerprint != store.get_meta("model_sha256"):
+                raise UserError(
+                    f"{path} was built with a different model than {model}; "
+                    "embed into a new --index or use the model it was built with"
+                )
+        return ImageIndex(path, store, model_dir, device, backend, readonly)
+    except BaseException:
+        store.close()
+        raise

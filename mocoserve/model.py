@@ -124,11 +124,16 @@ def to_input(pixels: np.ndarray) -> np.ndarray:
 
 
 def load(
-    path: str | Path, backend: str = "auto", device: str = "auto", fp16: bool = False
+    path: str | Path,
+    backend: str = "auto",
+    device: str = "auto",
+    fp16: bool = False,
+    device_id: int = 0,
 ) -> PackageEncoder:
     """Load a model package; `device="cuda"` where no GPU provider is active is an error.
 
-    `fp16` picks the package's encoder.fp16.onnx (made by `export --fp16`, for GPUs).
+    `fp16` picks the package's encoder.fp16.onnx (made by `export --fp16`, for GPUs);
+    `device_id` the GPU (a torchrun process passes its LOCAL_RANK).
     """
     folder = Path(path)
     manifest = Manifest.read(folder)
@@ -147,8 +152,8 @@ def load(
         raise UserError(f"{folder} has no fp16 variant; export it with --fp16")
     file = _verify(folder, manifest, name)
     if backend == "onnx":
-        return _load_onnx(folder, manifest, file, device)
-    return _load_torchscript(folder, manifest, file, device)
+        return _load_onnx(folder, manifest, file, device, device_id)
+    return _load_torchscript(folder, manifest, file, device, device_id)
 
 
 def _cuda_driver_present() -> bool:
@@ -169,14 +174,16 @@ def check_onnx(manifest: Manifest, session: Any, name: str) -> None:
     manifest.check_shapes(session.get_inputs()[0].shape, session.get_outputs()[0].shape, name)
 
 
-def _load_onnx(folder: Path, manifest: Manifest, file: Path, device: str) -> PackageEncoder:
+def _load_onnx(
+    folder: Path, manifest: Manifest, file: Path, device: str, device_id: int = 0
+) -> PackageEncoder:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
     providers = ["CPUExecutionProvider"]
     gpu = "CUDAExecutionProvider" in available and _cuda_driver_present()
     if device in ("auto", "cuda") and gpu:
-        providers.insert(0, "CUDAExecutionProvider")
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))  # type: ignore[arg-type]
     options = ort.SessionOptions()
     options.log_severity_level = 3  # a missing GPU is reported by us, not as a warning wall
     # Idle ORT threads would otherwise spin between batches, starving the decoder processes.
@@ -197,13 +204,15 @@ def _load_onnx(folder: Path, manifest: Manifest, file: Path, device: str) -> Pac
     )
 
 
-def _load_torchscript(folder: Path, manifest: Manifest, file: Path, device: str) -> PackageEncoder:
+def _load_torchscript(
+    folder: Path, manifest: Manifest, file: Path, device: str, device_id: int = 0
+) -> PackageEncoder:
     import torch
 
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise UserError("device cuda was asked for, but no CUDA GPU is available")
-    dev = torch.device("cuda" if use_cuda else "cpu")
+    dev = torch.device("cuda", device_id) if use_cuda else torch.device("cpu")
     extra = {SPEC_KEY: ""}
     with quiet_torchscript():
         module = torch.jit.load(str(file), map_location=dev, _extra_files=extra).eval()

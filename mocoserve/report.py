@@ -19,8 +19,8 @@ from mocoserve import knn
 from mocoserve.core.errors import UserError
 from mocoserve.core.images import load_rgb
 from mocoserve.embed import embed_folders
-from mocoserve.index import model_fingerprint, sidecar_path
-from mocoserve.sidecar import Sidecar
+from mocoserve.store import open_store, sidecar_path
+from mocoserve.writer import model_fingerprint
 
 
 @dataclass
@@ -39,23 +39,21 @@ def read_labelled(index_path: Path, paths_under: Path | None = None) -> Labelled
     """Every labelled item of an index (optionally only those under a folder)."""
     if not sidecar_path(index_path).is_file():
         raise UserError(f"{index_path} is not an index (no {sidecar_path(index_path).name})")
-    sidecar = Sidecar(sidecar_path(index_path), readonly=True)
+    store = open_store(index_path)
     try:
-        dim = int(sidecar.get_meta("dim") or 0)
-        model_path = sidecar.get_meta("model_path")
+        model_path = store.get_meta("model_path")
         prefix = str(paths_under.resolve()) + "/" if paths_under else ""
-        rows = sidecar.rows_under(prefix)
-        failed = sum(1 for p, _ in sidecar.failures() if p.startswith(prefix))
+        paths, labels, vectors = store.under(prefix)
+        failed = sum(1 for p, _ in store.failures() if p.startswith(prefix))
     finally:
-        sidecar.close()
-    labelled = [r for r in rows if r[1] is not None]
-    vectors = np.frombuffer(b"".join(r[2] for r in labelled), dtype=np.float32)
+        store.close()
+    keep = [i for i, label in enumerate(labels) if label is not None]
     return LabelledSet(
-        [r[0] for r in labelled],
-        [r[1] for r in labelled],
-        vectors.reshape(len(labelled), dim),
+        [paths[i] for i in keep],
+        [labels[i] for i in keep],  # type: ignore[misc]
+        vectors[keep],
         failed,
-        len(rows) - len(labelled),
+        len(paths) - len(keep),
         model_path,
     )
 

@@ -1,22 +1,21 @@
-"""The SQLite sidecar of an index (`out.faiss.db`): one row per embedded image, its vector too.
+"""The format-1 sidecar (`out.faiss.db`): one row per embedded image, its vector too.
 
-The sidecar is the journal: every embedded batch is committed here first, with its
-vectors, so a killed run loses at most one batch. The FAISS file is derived from it and
-rebuilt or patched to agree with it (see `mocoserve.vectors.sync`).
+Indexes made before the sharded layout (`mocoserve.store`, format 2) keep everything here;
+they still open and search through this class, and `mocoserve index migrate` (or the
+next `embed`) moves them to format 2 without re-embedding. `Item`, `NewItem`, `db_path`
+and `py_path` are shared by both formats.
 """
 
 from __future__ import annotations
 
-import errno
-import sqlite3
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mocoserve.core.errors import UserError
+from mocoserve.dbfile import DbFile
 
 SIDECAR_FORMAT_VERSION = 1
 
@@ -34,7 +33,6 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE INDEX IF NOT EXISTS items_sha256 ON items(sha256);
 CREATE TABLE IF NOT EXISTS failures (path TEXT PRIMARY KEY, error TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -88,64 +86,20 @@ def py_path(value: str | bytes) -> str:
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
 
 
-class Sidecar:
-    """The `items`, `failures` and `meta` tables of one index."""
+class Sidecar(DbFile):
+    """The `items`, `failures` and `meta` tables of a format-1 index (vectors inside)."""
 
-    @contextmanager
-    def _writing(self) -> Iterator[None]:
-        """One transaction; SQLite's write failures (a full disk) become one-line OSErrors.
-
-        What earlier transactions committed stays: the journal keeps the database whole.
-        """
-        try:
-            with self.db:
-                yield
-        except sqlite3.OperationalError as e:
-            code = errno.ENOSPC if "full" in str(e) else errno.EIO
-            raise OSError(code, f"cannot write the sidecar: {e}", str(self.path)) from None
+    what = "sidecar"
 
     def __init__(self, path: str | Path, readonly: bool = False) -> None:
-        self.path = Path(path)
-        if readonly and not self.path.is_file():
-            raise UserError(f"{self.path} is missing; an index needs its sidecar (run embed)")
-        uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
-        try:
-            self.db = sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL" if not readonly else "PRAGMA query_only=1")
-            self.db.execute("PRAGMA synchronous=FULL")
-            if not readonly:
-                self.db.executescript(_SCHEMA)
-            self.db.execute("SELECT count(*) FROM items").fetchone()
-        except sqlite3.OperationalError as e:  # cannot open or write: permissions, a full disk
-            if "no such table" in str(e):
-                raise UserError(f"{self.path} is not a mocoserve sidecar database") from None
-            raise OSError(errno.EIO, f"cannot open the sidecar: {e}", str(self.path)) from None
-        except sqlite3.DatabaseError as e:
-            raise UserError(f"{self.path} is not a mocoserve sidecar database ({e})") from None
+        super().__init__(path, _SCHEMA, readonly)
+        if not self.has_table("items"):
+            raise UserError(f"{self.path} is not a format-1 mocoserve sidecar")
         version = self.get_meta("format_version")
         if version is None and not readonly:
             self.set_meta({"format_version": str(SIDECAR_FORMAT_VERSION)})
         elif version is not None and int(version) > SIDECAR_FORMAT_VERSION:
             raise UserError(f"{self.path} is a version {version} sidecar; upgrade mocoserve")
-
-    def close(self) -> None:
-        self.db.close()
-
-    # meta
-    def get_meta(self, key: str) -> str | None:
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else row[0]
-
-    def meta(self) -> dict[str, str]:
-        return dict(self.db.execute("SELECT key, value FROM meta").fetchall())
-
-    def set_meta(self, values: dict[str, str]) -> None:
-        with self._writing():
-            self.db.executemany(
-                "INSERT INTO meta(key, value) VALUES(?, ?) "
-                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                [(k, str(v)) for k, v in values.items()],
-            )
 
     # items
     def __len__(self) -> int:
@@ -168,7 +122,7 @@ class Sidecar:
 
     def set_labels(self, labels: Iterable[tuple[str | None, str]]) -> None:
         """Relabel items in one transaction: (label, path) pairs."""
-        with self._writing():
+        with self.writing():
             self.db.executemany(
                 "UPDATE items SET label = ? WHERE path = ?",
                 [(label, db_path(path)) for label, path in labels],
@@ -186,6 +140,13 @@ class Sidecar:
             (len(key), key),
         ).fetchall()
         return [(py_path(p), label, v) for p, label, v in rows]
+
+    def under(self, prefix: str) -> tuple[list[str], list[str | None], np.ndarray]:
+        """Paths, labels and vectors of the items under a folder prefix, sorted by path."""
+        rows = self.rows_under(prefix)
+        dim = int(self.get_meta("dim") or 0)
+        vectors = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32)
+        return [r[0] for r in rows], [r[1] for r in rows], vectors.reshape(len(rows), dim)
 
     def ids(self) -> np.ndarray:
         rows = self.db.execute("SELECT id FROM items ORDER BY id").fetchall()
@@ -230,7 +191,7 @@ class Sidecar:
         self, added: list[NewItem], failed: list[tuple[str, str]], replaced: Iterable[str] = ()
     ) -> list[int]:
         """In one transaction: drop `replaced` paths, insert `added`, record `failed`; new ids."""
-        with self._writing():
+        with self.writing():
             for path in replaced:
                 self.db.execute("DELETE FROM items WHERE path = ?", (db_path(path),))
             ids = []
@@ -267,7 +228,7 @@ class Sidecar:
     def remove_paths(self, paths: Iterable[str]) -> int:
         """Delete items and failures with these paths; how many items went."""
         keys = [(db_path(p),) for p in paths]
-        with self._writing():
+        with self.writing():
             before = len(self)
             self.db.executemany("DELETE FROM items WHERE path = ?", keys)
             self.db.executemany("DELETE FROM failures WHERE path = ?", keys)

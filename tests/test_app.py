@@ -158,8 +158,10 @@ def test_hostile_arguments_are_sentences(searcher, images, tmp_path, model_dir):
     class_image(0, 0, size=300).save(big)
     with pytest.raises(SearchError, match="larger than"):
         Searcher(searcher.index, max_upload_bytes=1000).search(str(big), 5)
-    empty = mocoserve.index.open(tmp_path / "empty.faiss", model=model_dir, create=True)
-    empty.ingest([], [], 8, 0)
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "nothing" / "notes.txt").write_text("no images here")
+    embed_folders([tmp_path / "nothing"], model_dir, tmp_path / "empty.faiss", workers=0)
+    empty = mocoserve.index.open(tmp_path / "empty.faiss")
     with pytest.raises(SearchError, match="empty"):
         Searcher(empty).search(str(big), 5)
 

@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -23,28 +22,13 @@ from mocoserve.embed import embed_folders
 from mocoserve.model import resize_crop
 from mocoserve.sidecar import NewItem, Sidecar
 from tests.imagegen import class_image, exif_upright, make_awkward_files, make_labelled
+from tests.stores import committed, failures, rows
 
 runner = CliRunner()
 
 
-def rows(index_path: Path) -> dict[str, tuple]:
-    """path -> (id, label, sha256, vector) from the sidecar."""
-    with sqlite3.connect(f"{index_path}.db") as db:
-        return {
-            p: (i, label, sha, np.frombuffer(v, dtype=np.float32))
-            for i, p, label, sha, v in db.execute(
-                "SELECT id, path, label, sha256, vector FROM items"
-            )
-        }
-
-
-def failures(index_path: Path) -> dict[str, str]:
-    with sqlite3.connect(f"{index_path}.db") as db:
-        return dict(db.execute("SELECT path, error FROM failures"))
-
-
 def assert_agree(index_path: Path) -> None:
-    """The FAISS file holds exactly the sidecar's ids, with the sidecar's vectors."""
+    """The FAISS file holds exactly the store's ids, with the store's vectors."""
     stored = rows(index_path)
     index = vec.read(index_path, len(next(iter(stored.values()))[3]))
     assert index is not None
@@ -188,43 +172,42 @@ def test_python_api_add_remove_len(folder, tmp_path, model_dir):
     assert reopened.search_images([extra[0]], k=1)[0][0].path != str(extra[0])
 
 
-def test_crash_between_sidecar_and_index_write_is_repaired(folder, tmp_path, model_dir):
+def test_crash_between_commit_and_index_write_is_repaired(folder, tmp_path, model_dir):
+    from mocoserve.model import load
+    from mocoserve.writer import IndexWriter, ingest
+
     index = tmp_path / "out.faiss"
     embed_folders([folder / "class_0"], model_dir, index, workers=0)
-    idx = mocoserve.index.open(index)
-    new = sorted((folder / "class_2").iterdir())
-    idx.ingest([str(p) for p in new], [None] * len(new), 4, 0)  # committed, index not saved
-    idx.sidecar.close()
+    new = sorted(str(p) for p in (folder / "class_2").iterdir())
+    encoder = load(model_dir)
+    with IndexWriter(index) as writer:  # committed to the shards, the index file not built
+        writer.prepare(encoder)
+        writer.own(range(writer.shard_count))
+        ingest(encoder, new, [None] * len(new), writer.commit, 4, 0)
     reopened = mocoserve.index.open(index)
     assert reopened.repaired and len(reopened) == 12
     assert reopened.search_images([new[0]], k=1)[0][0].path == str(new[0])
     result = embed(str(folder / "class_2"), "--index", str(index))
     assert "embedded 0, skipped 6" in result.output
     assert_agree(index)
-    # a damaged index file is rebuilt from the sidecar
+    # a damaged index file is rebuilt from the store
     index.write_bytes(b"not a faiss index")
     assert mocoserve.index.open(index).repaired
     assert embed(str(folder / "class_2"), "--index", str(index)).exit_code == 0
     assert_agree(index)
 
 
-def signal_part_way(proc: subprocess.Popen, db: Path, sig: int, at_least: int) -> int:
-    """Send `sig` once the sidecar holds `at_least` items; how many it held then.
+def signal_part_way(proc: subprocess.Popen, index: Path, sig: int, at_least: int) -> int:
+    """Send `sig` once the store holds `at_least` items; how many it held then.
 
-    The process is frozen (SIGSTOP) while the sidecar is read and the signal sent, so it
+    The process is frozen (SIGSTOP) while the store is read and the signal sent, so it
     cannot finish in between however busy the machine is.
     """
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-        if not db.exists():
-            continue
         os.kill(proc.pid, signal.SIGSTOP)
-        try:
-            with sqlite3.connect(db, timeout=1) as conn:
-                done = conn.execute("SELECT count(*) FROM items").fetchone()[0]
-        except sqlite3.OperationalError:
-            done = 0
+        done = committed(index)
         if done >= at_least:
             proc.send_signal(sig)
         os.kill(proc.pid, signal.SIGCONT)
@@ -243,7 +226,7 @@ def test_killed_run_resumes_to_the_same_index(tmp_path, model_dir, sig):
     # batches of one: a few seconds of work, committed item by item
     cmd += ["--model", str(model_dir), "--batch-size", "1", "--workers", "1", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    done = signal_part_way(proc, Path(f"{killed}.db"), sig, at_least=40)
+    done = signal_part_way(proc, killed, sig, at_least=40)
     _, stderr = proc.communicate(timeout=60)
     assert 40 <= done < 600, "the run should be stopped part way"
     if sig == signal.SIGINT:
@@ -326,7 +309,7 @@ def test_symlink_loop_and_linked_files(tmp_path, model_dir):
 
 
 def test_sidecar_rows_under_is_a_case_sensitive_prefix(tmp_path):
-    sidecar = Sidecar(tmp_path / "x.faiss.db")
+    sidecar = Sidecar(tmp_path / "x.faiss.db")  # format 1
     sidecar.set_meta({"dim": "2"})
     paths = ["/d/Val/a.png", "/d/val/b.png", "/d/val_x/c.png", "/d/val%/d.png"]
     vector = np.array([1.0, 0.0], dtype=np.float32)
@@ -336,3 +319,18 @@ def test_sidecar_rows_under_is_a_case_sensitive_prefix(tmp_path):
     assert len(sidecar.rows_under("")) == 4
     assert np.array_equal(np.frombuffer(sidecar.rows_under("/d/Val/")[0][2], np.float32), vector)
     sidecar.close()
+
+
+def test_shard_under_is_a_case_sensitive_prefix(tmp_path):
+    from mocoserve.store import Shard
+
+    shard = Shard(tmp_path / "s", 0, 1, 2, writer=True)  # format 2
+    paths = ["/d/Val/a.png", "/d/val/b.png", "/d/val_x/c.png", "/d/val%/d.png"]
+    vector = np.array([1.0, 0.0], dtype=np.float32)
+    shard.commit_batch([NewItem(p, "c", "0" * 64, 1, 1, 1, 1, vector) for p in paths], [])
+    assert [r[0] for r in shard.under("/d/val/")] == ["/d/val/b.png"]
+    assert [r[0] for r in shard.under("/d/val%/")] == ["/d/val%/d.png"]
+    assert len(shard.under("")) == 4
+    rows = np.array([r[2] for r in shard.under("/d/Val/")])
+    assert np.array_equal(shard.read_rows(rows)[0], vector)
+    shard.close()

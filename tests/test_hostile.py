@@ -12,7 +12,6 @@ import re
 import resource
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from mocoserve.model import load
 from mocoserve.train import checkpoint
 from tests.imagegen import class_image, make_flat, make_labelled
 from tests.models import make_checkpoint
+from tests.stores import committed
 
 TINY = ["--arch", "resnet18", "--image-size", "32", "--dim", "8", "-b", "4", "-K", "8", "-q"]
 
@@ -294,7 +294,7 @@ def test_10_a_file_name_that_is_not_utf8_is_stored_faithfully(tmp_path, model_di
     assert found.returncode == 0 and "bad\\xffname.png" in found.stdout, found.stderr
     import mocoserve.index
 
-    paths = mocoserve.index.open(index).sidecar.paths()
+    paths = mocoserve.index.open(index).store.paths()
     assert odd in [os.fsencode(p) for p in paths]  # the exact bytes of the name
     os.unlink(odd)
     removed = run(args)
@@ -306,10 +306,10 @@ def test_11_a_full_disk_during_embed_keeps_what_was_committed(tmp_path, model_di
     index = tmp_path / "out.faiss"
     args = ["embed", str(folder), "--index", str(index), "--model", str(model_dir)]
     args += ["--batch-size", "8", "--workers", "1", "--quiet"]
-    full = run(args, limit_file_bytes=256 << 10)  # the sidecar outgrows 256 KB part way
-    assert_one_error(full, 1, "cannot write the sidecar")
-    with sqlite3.connect(f"{index}.db") as db:
-        kept = db.execute("SELECT count(*) FROM items").fetchone()[0]
+    full = run(args, limit_file_bytes=256 << 10)  # the store outgrows 256 KB part way
+    line = assert_one_error(full, 1, "cannot write the")
+    assert "File too large" in line and ".shards/" in line  # which file, and why
+    kept = committed(index)
     assert 0 < kept < 240
     finished = run(args)
     assert finished.returncode == 0, finished.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -64,16 +65,41 @@ def embed(
     strict: Annotated[
         bool, typer.Option("--strict", help="Exit 1 if any file could not be embedded.")
     ] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard",
+            help="I/N: write shard I of N only, then stop (a SLURM array task); the last "
+            "shard to finish builds the index (or: mocoserve index build).",
+        ),
+    ] = None,
+    shards: Annotated[
+        int | None,
+        typer.Option(
+            "--shards",
+            help="Shards of a new index (default: one per process of the run); fixed once made.",
+        ),
+    ] = None,
+    store_dtype: Annotated[
+        str | None,
+        typer.Option("--store-dtype", help="float32 | float16 vectors on disk (new index)."),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Embed image folders into a FAISS index + SQLite sidecar; reruns do only what changed."""
+    """Embed image folders into a FAISS index and its store; reruns do only what changed.
+
+    One process, `torchrun --nproc_per_node N -m mocoserve embed ...` (each rank its shards,
+    rank 0 builds), or `--shard I/N` per task of a SLURM array.
+    """
 
     def work() -> int:
-        from mocoserve.embed import embed_folders
+        from mocoserve.embed import embed_folders, parse_shard
 
-        if model is None and not Path(f"{index}.db").is_file():
-            raise UserError("a new index needs --model (the package folder made by export)")
+        rank = int(os.environ.get("RANK", "0"))
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        which = parse_shard(shard) if shard is not None else None
         console = Console(stderr=True, quiet=quiet, soft_wrap=True)
+        bar = not (quiet or distributed)  # under torchrun: a line per rank now and then
         progress = Progress(
             TextColumn("[bold]embed"),
             BarColumn(),
@@ -83,19 +109,30 @@ def embed(
             TextColumn("ETA"),
             TimeRemainingColumn(),
             console=console,
-            disable=quiet,
+            disable=not bar,
         )
-        task = {}
+        task: dict = {"done": 0, "last": 0.0}
+        who = f"rank {rank}: " if distributed else (f"shard {shard}: " if shard else "")
 
         def on_start(todo: int, provider: str) -> None:
-            console.print(f"model {model or '(from the index)'} on {provider}; {todo} to embed")
-            task["id"] = progress.add_task("embed", total=todo, rate="")
-            progress.start()
+            console.print(
+                f"{who}model {model or '(from the index)'} on {provider}; {todo} to embed"
+            )
+            task.update(id=progress.add_task("embed", total=todo, rate=""), todo=todo)
+            task["t0"] = time.monotonic()
+            if bar:
+                progress.start()
 
         def on_progress(n: int) -> None:
-            progress.advance(task["id"], n)
-            speed = progress.tasks[0].speed
-            progress.update(task["id"], rate=f"{speed:,.1f} img/s" if speed else "")
+            task["done"] += n
+            if bar:
+                progress.advance(task["id"], n)
+                speed = progress.tasks[0].speed
+                progress.update(task["id"], rate=f"{speed:,.1f} img/s" if speed else "")
+            elif not quiet and time.monotonic() - task["last"] > 10:
+                task["last"] = time.monotonic()
+                rate = task["done"] / max(time.monotonic() - task["t0"], 1e-9)
+                console.print(f"{who}{task['done']}/{task['todo']} ({rate:,.1f} img/s)")
 
         try:
             summary = embed_folders(
@@ -109,41 +146,69 @@ def embed(
                 device=device or "auto",
                 on_start=on_start,
                 on_progress=on_progress,
+                shard=which,
+                shards=shards,
+                store_dtype=store_dtype,
             )
         except KeyboardInterrupt:
             progress.stop()
             print(
-                f"interrupted: what was embedded is kept in {index}.db; "
+                f"interrupted: what was embedded is kept in {index}'s store; "
                 "run the same command again to finish",
                 file=sys.stderr,
             )
             return 130
         finally:
             progress.stop()
-        out = Console(soft_wrap=True)
-        for path, error in summary.failures[:20]:
-            out.print(f"[yellow]failed[/] {escape(shown(path))}: {escape(error)}", soft_wrap=True)
-        if len(summary.failures) > 20:
-            out.print(f"... and {len(summary.failures) - 20} more (table failures in {index}.db)")
-        tuning = (
-            f", nprobe {summary.nprobe} (recall@10 {summary.recall_at_10:.3f})"
-            if summary.nprobe
-            else ""
-        )
-        out.print(
-            f"embedded {summary.embedded}, skipped {summary.skipped} (unchanged), "
-            f"failed {summary.failed}, removed {summary.removed} "
-            f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} img/s)"
-        )
-        out.print(
-            f"{index}: {summary.total} images, {summary.labelled} labelled, "
-            f"{summary.factory}{tuning}"
-        )
+        if rank != 0:
+            return 0
+        print_summary(index, summary, distributed or len(summary.shards) > 1)
         return 1 if strict and summary.failures else 0
 
     code = guarded(work)
     if code:
         raise typer.Exit(code)
+
+
+def print_summary(index: Path, summary, per_shard: bool) -> None:
+    """The run's result: failures, counts, per-shard and per-rank figures, the index."""
+    out = Console(soft_wrap=True)
+    for path, error in summary.failures[:20]:
+        out.print(f"[yellow]failed[/] {escape(shown(path))}: {escape(error)}", soft_wrap=True)
+    if len(summary.failures) > 20:
+        out.print(f"... and {len(summary.failures) - 20} more (in the shards' failures tables)")
+    for note in summary.notes:
+        out.print(f"note: {note}")
+    if per_shard:
+        table = Table("shard", "rank", "embedded", "skipped", "failed", "removed")
+        for s in summary.shards:
+            row = (s.shard, s.rank, s.embedded, s.skipped, s.failed, s.removed)
+            table.add_row(*map(str, row))
+        out.print(table)
+        if len(summary.rates) > 1:
+            rates = ", ".join(f"rank {r} {v:,.1f}" for r, v in sorted(summary.rates.items()))
+            out.print(f"images/s per rank: {rates}")
+    out.print(
+        f"embedded {summary.embedded}, skipped {summary.skipped} (unchanged), "
+        f"failed {summary.failed}, removed {summary.removed} "
+        f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} img/s)"
+    )
+    if summary.stages and summary.embedded + summary.failed:
+        s = summary.stages
+        out.print(
+            f"time in stages: decode wait {s['decode_wait']:.1f} s, model {s['embed']:.1f} s, "
+            f"commit {s['commit']:.1f} s"
+        )
+    tuning = (
+        f", nprobe {summary.nprobe} (recall@10 {summary.recall_at_10:.3f})"
+        if summary.nprobe
+        else ""
+    )
+    built = "" if summary.built or not per_shard else " (index not built by this run)"
+    out.print(
+        f"{index}: {summary.total} images, {summary.labelled} labelled, "
+        f"{summary.factory}{tuning}{built}"
+    )
 
 
 @app.command()
@@ -168,7 +233,7 @@ def search(
             if not q.is_file():
                 raise UserError(f"{q} is not a file")
         if label is not None:
-            labels = idx.sidecar.labels()
+            labels = idx.labels()
             if not labels:
                 raise UserError(f"{index} has no labels; embed with --labels-from-folders")
             if label not in labels:
@@ -202,5 +267,80 @@ def search(
                     escape(shown(os.path.relpath(h.path))) + mark,
                 )
             console.print(table)
+
+    guarded(work)
+
+
+index_app = typer.Typer(
+    name="index", help="Build, migrate and export an index (made by embed).", no_args_is_help=True
+)
+
+
+@index_app.command("build")
+def build(index: IndexArg) -> None:
+    """Build the FAISS file from every shard (after --shard tasks), atomically."""
+
+    def work() -> None:
+        from mocoserve.dbfile import format_version
+        from mocoserve.store import migrate, sidecar_path
+        from mocoserve.writer import IndexWriter, shards_done
+
+        if format_version(sidecar_path(index)) is None:
+            raise UserError(f"{index} is not an index (no {index}.db); make one with embed")
+        with IndexWriter(index) as writer:
+            if format_version(sidecar_path(index)) == 1:
+                print(f"moved {migrate(index)} items to the sharded layout (no re-embedding)")
+            done, _ = shards_done(index)
+            if not done:
+                print("note: some shards have not completed a pass; built from what they hold")
+            built = writer.build()
+        tuning = f", nprobe {built.nprobe}" if built.nprobe else ""
+        print(f"{index}: {built.items} images, {built.factory}{tuning} (version {built.version})")
+
+    guarded(work)
+
+
+@index_app.command("migrate")
+def migrate_command(index: IndexArg) -> None:
+    """Move a format-1 index (vectors inside SQLite) to the sharded layout, keeping its ids."""
+
+    def work() -> None:
+        from mocoserve.dbfile import format_version
+        from mocoserve.store import FORMAT_VERSION, migrate, sidecar_path
+        from mocoserve.writer import IndexWriter
+
+        version = format_version(sidecar_path(index))
+        if version is None:
+            raise UserError(f"{index} is not an index (no {index}.db); make one with embed")
+        if version == FORMAT_VERSION:
+            print(f"{index} is already format {FORMAT_VERSION}; nothing to do")
+            return
+        with IndexWriter(index):
+            moved = migrate(index)
+        print(f"{index}: moved {moved} items to format {FORMAT_VERSION} (no re-embedding)")
+
+    guarded(work)
+
+
+@index_app.command("export")
+def export_command(
+    index: IndexArg,
+    to: Annotated[Path, typer.Option("--to", help="A new folder for img_emb/ and metadata/.")],
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format", help="npy (img_emb/*.npy + metadata/*.parquet) | parquet (one file)."
+        ),
+    ] = "npy",
+) -> None:
+    """Write embeddings and metadata as autofaiss and clip-retrieval read them."""
+
+    def work() -> None:
+        from mocoserve.interchange import export_index
+
+        if not Path(f"{index}.db").is_file():
+            raise UserError(f"{index} is not an index (no {index}.db); make one with embed")
+        done = export_index(index, to, fmt)
+        print(f"{to}: {done['items']} embeddings ({done['dim']}-d) in {done['files']} file(s)")
 
     guarded(work)

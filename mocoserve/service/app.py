@@ -600,7 +600,7 @@ def served_labels(served: Served) -> set[str]:
     labels = getattr(served, "_labels", None)
     if labels is None:
         with served.lock:
-            labels = set(served.index.sidecar.labels())
+            labels = set(served.index.labels())
         served._labels = labels  # type: ignore[attr-defined]
     return labels
 

@@ -1,0 +1,387 @@
+"""The write path of an index, in one place: `IndexWriter` and the ingest pipeline.
+
+Whoever changes an index goes through an `IndexWriter`: it takes the index's writer lock
+(`out.faiss.lock`) to create, migrate or build; it opens, each under its own lock, the
+shards this process writes; it routes committed batches to their shards; and it builds the
+FAISS file from every shard. Readers (search, knn, the app, the service) never write.
+
+Ingest is a pipeline after clip-retrieval's reader → mapper → writer: decoding in worker
+processes (`decode_files`), the model, and the shard commit, each stage timed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mocoserve import vectors as vec
+from mocoserve.core.errors import UserError
+from mocoserve.dbfile import format_version
+from mocoserve.decode import Decoded, decode_files
+from mocoserve.model import PackageEncoder, to_input
+from mocoserve.sidecar import NewItem
+from mocoserve.store import (
+    DTYPES,
+    FORMAT_VERSION,
+    Catalog,
+    Shard,
+    ShardedStore,
+    migrate,
+    shard_of,
+    shard_path,
+    sidecar_path,
+)
+
+ProgressFn = Callable[[int], None]
+Sink = Callable[[list[NewItem], list[tuple[str, str]]], None]
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """sha256 of a package's manifest.json (which lists every file's sha256)."""
+    from mocoserve.core.manifest import sha256_file
+
+    return sha256_file(Path(model_dir) / "manifest.json")
+
+
+def acquire_lock(index_path: str | Path, wait: bool = False) -> int:
+    """The index's writer lock (a file descriptor; closing it releases the lock)."""
+    fd = os.open(f"{index_path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"{index_path} is being written by another process") from None
+    return fd
+
+
+@dataclass
+class IngestCounts:
+    """What one pass of the pipeline did, and where its time went."""
+
+    embedded: int = 0
+    failed: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    decode_wait_s: float = 0.0  # waiting for decoded images (the reader)
+    embed_s: float = 0.0  # the model (the mapper)
+    commit_s: float = 0.0  # vectors fsynced, metadata committed (the writer)
+
+
+def ingest(
+    encoder: PackageEncoder,
+    paths: Sequence[str],
+    labels: Sequence[str | None],
+    sink: Sink,
+    batch_size: int,
+    workers: int,
+    progress: ProgressFn | None = None,
+) -> IngestCounts:
+    """Decode, embed and commit files batch by batch; each batch is durable before the next."""
+    label_of = dict(zip(paths, labels, strict=True))
+    counts = IngestCounts()
+    ready: list[Decoded] = []
+    failed: list[tuple[str, str]] = []
+
+    def flush() -> None:
+        started = time.perf_counter()
+        vectors = (
+            vec.normalize(encoder.embed(to_input(np.stack([d.pixels for d in ready]))))
+            if ready
+            else np.zeros((0, encoder.embedding_dim), dtype=np.float32)
+        )
+        counts.embed_s += time.perf_counter() - started
+        added = [
+            NewItem(d.path, label_of[d.path], d.sha256, d.bytes, d.mtime, d.width, d.height, v)
+            for d, v in zip(ready, vectors, strict=True)
+        ]
+        started = time.perf_counter()
+        sink(added, failed)
+        counts.commit_s += time.perf_counter() - started
+        counts.embedded += len(added)
+        counts.failed += len(failed)
+        counts.failures.extend(failed)
+        if progress is not None:
+            progress(len(added) + len(failed))
+        ready.clear()
+        failed.clear()
+
+    decoded = iter(decode_files(paths, encoder.resize, encoder.input_size, workers))
+    while True:
+        started = time.perf_counter()
+        item = next(decoded, None)
+        counts.decode_wait_s += time.perf_counter() - started
+        if item is None:
+            break
+        if item.error:
+            failed.append((item.path, item.error))
+        else:
+            ready.append(item)
+        if len(ready) >= batch_size:
+            flush()
+    flush()
+    return counts
+
+
+@dataclass
+class BuildInfo:
+    """What a build made."""
+
+    items: int
+    factory: str
+    nprobe: int | None
+    recall_at_10: float | None
+    version: int
+
+
+class IndexWriter:
+    """The one writer of an index (see the module docstring); a context manager.
+
+    `lock=True` holds the index's writer lock for the writer's life: creating, migrating and
+    building need it. A process that writes only its own shards (a --shard task, a torchrun
+    rank other than 0) opens a writer with `lock=False`.
+    """
+
+    def __init__(
+        self,
+        index_path: str | Path,
+        lock: bool = True,
+        wait: bool = False,
+        flat_limit: int = vec.FLAT_LIMIT,
+    ) -> None:
+        self.path = Path(index_path)
+        self.flat_limit = flat_limit
+        if not self.path.parent.is_dir():
+            raise UserError(f"folder {self.path.parent} does not exist (for --index {self.path})")
+        self._lock_fd = acquire_lock(self.path, wait) if lock else None
+        self.shards: dict[int, Shard] = {}
+        self.notes: list[str] = []
+        self._catalog: Catalog | None = None
+
+    def __enter__(self) -> IndexWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for shard in self.shards.values():
+            shard.close()
+        self.shards.clear()
+        if self._catalog is not None:
+            self._catalog.close()
+            self._catalog = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # the catalog
+    @property
+    def locked(self) -> bool:
+        return self._lock_fd is not None
+
+    def catalog(self) -> Catalog:
+        """The catalog, writable with the lock, else read-only (a shard-only writer)."""
+        if self._catalog is None:
+            db = sidecar_path(self.path)
+            if not self.locked and format_version(db) != FORMAT_VERSION:
+                raise UserError(f"{self.path} is not ready yet (its builder has not made it)")
+            self._catalog = Catalog(db, readonly=not self.locked)
+        return self._catalog
+
+    def meta(self) -> dict[str, str]:
+        return self.catalog().meta()
+
+    @property
+    def shard_count(self) -> int:
+        return int(self.catalog().get_meta("shards") or 1)
+
+    def prepare(
+        self,
+        encoder: PackageEncoder,
+        shards: int | None = None,
+        store_dtype: str | None = None,
+        index_type: str | None = None,
+        labels_from_folders: bool | None = None,
+        expected: int = 0,
+    ) -> dict[str, str]:
+        """Create the index, or migrate (format 1) and check it: the model, dim, shards.
+
+        `shards` and `store_dtype` are fixed when the index is made; given again they must
+        match. `index_type` and `labels_from_folders` are remembered for later runs.
+        """
+        if not self.locked:
+            raise RuntimeError("prepare needs the index's writer lock")
+        db = sidecar_path(self.path)
+        if self.path.exists() and not db.is_file():
+            raise UserError(
+                f"{self.path} exists and is not an index made by embed (no {db.name}); "
+                "choose another --index"
+            )
+        if format_version(db) == 1:
+            moved = migrate(self.path)
+            self.notes.append(f"moved {moved} items to the sharded layout (no re-embedding)")
+        catalog = self.catalog()
+        fingerprint, dim = model_fingerprint(encoder.path), encoder.embedding_dim
+        if shards is not None and not 1 <= shards <= 4096:
+            raise UserError(f"--shards must be from 1 to 4096, got {shards}")
+        if store_dtype is not None and store_dtype not in DTYPES:
+            raise UserError(f"--store-dtype must be {' or '.join(DTYPES)}, got {store_dtype!r}")
+        meta = catalog.meta()
+        if meta.get("model_sha256") is None:
+            catalog.set_meta(
+                {
+                    "format_version": str(FORMAT_VERSION),
+                    "model_sha256": fingerprint,
+                    "model_path": str(Path(encoder.path).resolve()),
+                    "dim": str(dim),
+                    "metric": "inner_product",
+                    "normalized": "true",
+                    "shards": str(shards or 1),
+                    "store_dtype": store_dtype or "float32",
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
+            )
+        else:
+            if meta["model_sha256"] != fingerprint:
+                raise UserError(
+                    f"{self.path} was built with a different model (manifest sha256 "
+                    f"{meta['model_sha256'][:12]}…, this one {fingerprint[:12]}…); "
+                    "embed into a new --index or use the model it was built with"
+                )
+            if int(meta.get("dim") or dim) != dim:
+                raise UserError(
+                    f"{self.path} holds {meta['dim']}-d vectors; this model makes {dim}-d"
+                )
+            made = int(meta.get("shards") or 1)
+            if shards is not None and shards != made:
+                raise UserError(
+                    f"{self.path} was made with {made} shard(s), not {shards}: the shard count "
+                    f"is fixed when an index is made (use --shard I/{made})"
+                )
+            made_dtype = meta.get("store_dtype") or "float32"
+            if store_dtype is not None and store_dtype != made_dtype:
+                raise UserError(f"{self.path} stores {made_dtype} vectors, not {store_dtype}")
+        if index_type is not None:
+            factory = vec.choose_factory(index_type, max(expected, 1), self.flat_limit)
+            vec.new_index(factory, dim)  # a UserError before any work
+            catalog.set_meta({"index_type": index_type})
+        if labels_from_folders is not None:
+            catalog.set_meta({"labels": "folders" if labels_from_folders else "none"})
+        return catalog.meta()
+
+    def labelled_by_folders(self) -> bool:
+        return self.catalog().get_meta("labels") == "folders"
+
+    # the shards this process writes
+    def own(self, shard_ids: Iterable[int]) -> None:
+        """Open these shards for writing (each under its own lock)."""
+        meta = self.meta()
+        n, dim = int(meta.get("shards") or 1), int(meta["dim"])
+        dtype = meta.get("store_dtype") or "float32"
+        for s in shard_ids:
+            if s not in self.shards:
+                self.shards[s] = Shard(shard_path(self.path, s, n), s, n, dim, dtype, writer=True)
+
+    def shard_for(self, path: str) -> Shard:
+        s = shard_of(path, self.shard_count)
+        if s not in self.shards:
+            raise RuntimeError(f"{path} belongs to shard {s}, which this writer does not own")
+        return self.shards[s]
+
+    def commit(self, added: list[NewItem], failed: list[tuple[str, str]]) -> None:
+        """A batch to its shards: per shard, vectors fsynced, then one SQLite transaction."""
+        by_shard: dict[int, tuple[list[NewItem], list[tuple[str, str]]]] = {}
+        for item in added:
+            by_shard.setdefault(self.shard_for(item.path).shard, ([], []))[0].append(item)
+        for path, error in failed:
+            by_shard.setdefault(self.shard_for(path).shard, ([], []))[1].append((path, error))
+        for s, (items, failures) in sorted(by_shard.items()):
+            self.shards[s].commit_batch(items, failures)
+
+    def remove_paths(self, paths: Iterable[str]) -> int:
+        grouped: dict[int, list[str]] = {}
+        for p in paths:
+            grouped.setdefault(self.shard_for(p).shard, []).append(p)
+        return sum(self.shards[s].remove_paths(ps) for s, ps in grouped.items())
+
+    def mark(self, shard: int, key: str) -> None:
+        """Record when a shard's pass started or completed (for the last shard to build)."""
+        self.shards[shard].db.set_meta({key: repr(time.time())})  # type: ignore[union-attr]
+
+    # the FAISS file
+    def build(self) -> BuildInfo:
+        """Bring the FAISS file into agreement with every shard and write it atomically."""
+        from mocoserve.index import build_faiss, load_faiss, same_kind
+
+        if not self.locked:
+            raise RuntimeError("building needs the index's writer lock")
+        catalog = self.catalog()
+        store = ShardedStore(self.path)
+        try:
+            n, dim = len(store), int(catalog.get_meta("dim") or 0)
+            target = vec.choose_factory(
+                catalog.get_meta("index_type") or "auto", n, self.flat_limit
+            )
+            current = catalog.get_meta("factory") or "Flat"
+            index, _ = load_faiss(store, self.path, current, dim)
+            tuned_at = int(catalog.get_meta("tuned_ntotal") or 0)
+            retune = abs(n - tuned_at) > 0.1 * max(tuned_at, 1)
+            if (
+                index is None
+                or not same_kind(current, target)
+                or (vec.base_ivf(index) is not None and retune)
+            ):
+                built = build_faiss(store, target if not same_kind(current, target) else current)
+                index = built.index
+                meta = {
+                    "factory": built.factory,
+                    "tuned_ntotal": str(n),
+                    "nprobe": "",
+                    "recall_at_10": "",
+                }
+                if built.nprobe is not None:
+                    meta |= {
+                        "nprobe": str(built.nprobe),
+                        "recall_at_10": f"{built.recall_at_10:.4f}",
+                    }
+                catalog.set_meta(meta)
+        finally:
+            store.close()
+        vec.write_atomic(index, self.path)
+        version = int(catalog.get_meta("version") or 0) + 1
+        catalog.set_meta(
+            {
+                "index_ntotal": str(index.ntotal),
+                "version": str(version),
+                "built_at": repr(time.time()),
+            }
+        )
+        nprobe = catalog.get_meta("nprobe")
+        recall = catalog.get_meta("recall_at_10")
+        return BuildInfo(
+            index.ntotal,
+            catalog.get_meta("factory") or "Flat",
+            int(nprobe) if nprobe else None,
+            float(recall) if recall else None,
+            version,
+        )
+
+
+def shards_done(index_path: str | Path) -> tuple[bool, float]:
+    """Whether every shard has completed a pass since it last started; the newest completion."""
+    store = ShardedStore(index_path)
+    try:
+        newest, done = 0.0, True
+        for shard in store.all_shards():
+            meta = shard.db.meta() if shard.db is not None else {}
+            started, completed = float(meta.get("started", 0)), float(meta.get("completed", 0))
+            done &= completed > 0 and completed >= started
+            newest = max(newest, completed)
+        return done, newest
+    finally:
+        store.close()
