@@ -31,12 +31,14 @@ class DbFile:
         if readonly and not self.path.is_file():
             raise UserError(f"{self.path} is missing; an index needs its {self.what} (run embed)")
         uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
+        new = not self.path.exists()
         try:
             self.db = sqlite3.connect(uri, uri=True, timeout=60, check_same_thread=False)
             if readonly:
                 self.db.execute("PRAGMA query_only=1")
             else:
-                self.db.execute(f"PRAGMA journal_mode={journal}")
+                if new:  # chosen once: changing it later needs every reader gone
+                    self.db.execute(f"PRAGMA journal_mode={journal}")
                 self.db.executescript(META_SCHEMA + schema)
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("SELECT count(*) FROM meta").fetchone()

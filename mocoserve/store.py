@@ -257,24 +257,37 @@ class Shard:
             return out
         if self._fd is None:
             self._fd = os.open(self.vector_path, os.O_RDONLY)
-        order = np.argsort(rows, kind="stable")
-        sorted_rows = np.asarray(rows)[order]
+        rows = np.asarray(rows, dtype=np.int64)
+        direct = self.dtype == np.float32 and bool(np.all(np.diff(rows) >= 0))
+        order = np.arange(len(rows)) if direct else np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
         breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
         start = 0
         for end in [*breaks.tolist(), len(sorted_rows)]:
             first, count = int(sorted_rows[start]), end - start
-            data = os.pread(self._fd, count * self.row_bytes, first * self.row_bytes)
-            if len(data) != count * self.row_bytes:
+            offset, size = first * self.row_bytes, count * self.row_bytes
+            if direct:  # rows in order (a bulk pass): straight into the result, no copy
+                got = os.preadv(self._fd, [memoryview(out[start:end]).cast("B")], offset)
+            else:
+                data = os.pread(self._fd, size, offset)
+                got = len(data)
+                block = np.frombuffer(data, dtype=self.dtype).reshape(count, self.dim)
+                out[order[start:end]] = block
+            if got != size:
                 raise OSError(errno.EIO, "vector file shorter than its rows", str(self.vector_path))
-            block = np.frombuffer(data, dtype=self.dtype).reshape(count, self.dim)
-            out[order[start:end]] = block
             start = end
         return out
 
-    def vectors(self, seqs: np.ndarray | None = None, batch: int = 65536) -> Iterator[tuple]:
+    @property
+    def block_rows(self) -> int:
+        """Rows per block of a bulk pass: about 16 MB of float32, whatever the dimension."""
+        return max(1024, (16 << 20) // (self.dim * 4))
+
+    def vectors(self, seqs: np.ndarray | None = None, batch: int | None = None) -> Iterator[tuple]:
         """(ids, float32 vectors) blocks in seq order, for all items or the given seqs."""
         if self.db is None:
             return
+        batch = batch or self.block_rows
         if seqs is None:
             cursor = self.db.db.execute("SELECT seq, row FROM items ORDER BY seq")
             while chunk := cursor.fetchmany(batch):
@@ -456,8 +469,8 @@ class ShardedStore:
                 out.update({item.id: item for item in self.shard(s).items(seqs).values()})
         return out
 
-    def vectors(self, ids: np.ndarray | None = None, batch: int = 65536) -> Iterator[tuple]:
-        """(ids, float32 vectors) blocks: shard by shard, each in id order."""
+    def vectors(self, ids: np.ndarray | None = None, batch: int | None = None) -> Iterator[tuple]:
+        """(ids, float32 vectors) blocks of about 16 MB: shard by shard, each in id order."""
         if ids is None:
             for shard in self.all_shards():
                 yield from shard.vectors(None, batch)
