@@ -3,8 +3,11 @@
 One run, one folder of JPEGs, one model (a fresh MoCo v2 ResNet at 224 px):
   bound  the exported model alone (ONNX Runtime) on pre-decoded, pre-cropped tensors;
   embed  `embed_folders` into a new index: read, hash, decode, crop, embed, SQLite, FAISS;
-  plain  what a user would write: torchvision ImageFolder + DataLoader + the eager model.
+  plain  what a user would write: torchvision ImageFolder + DataLoader + the eager model;
+  sharded  `torchrun --nproc_per_node P -m mocoserve embed` (P processes, one shard each, rank 0
+         builds), timed as a whole from the command line, against one process the same way.
 Usage: python benchmarks/embed_throughput.py [--images 1000] [--arch resnet18] [--workers N]
+       [--procs 2]
 """
 
 from __future__ import annotations
@@ -85,6 +88,30 @@ def embed_in_fresh_process(root: Path, pkg: Path, index: Path, args: argparse.Na
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def cli_seconds(cmd: list[str]) -> float:
+    """Wall-clock seconds of a command that must succeed."""
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return time.perf_counter() - start
+
+
+def sharded(root: Path, pkg: Path, tmp: Path, args: argparse.Namespace) -> dict[str, float]:
+    """img/s of the whole command: one process, then torchrun with --procs processes."""
+    n = len(list(root.rglob("*.jpg")))
+    embed = ["embed", str(root), "--model", str(pkg), "--quiet", "--batch-size", str(args.batch)]
+    per_proc = max(1, args.workers // args.procs)
+    one = cli_seconds(
+        [sys.executable, "-m", "mocoserve", *embed, "--index", str(tmp / "one.faiss")]
+        + ["--workers", str(args.workers)]
+    )
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    many = cli_seconds(
+        [torchrun, "--standalone", "--nproc_per_node", str(args.procs), "-m", "mocoserve"]
+        + [*embed, "--index", str(tmp / "many.faiss"), "--workers", str(per_proc)]
+    )
+    return {"one_process_img_s": n / one, f"torchrun_{args.procs}_img_s": n / many}
+
+
 def plain_loop(ckpt: Path, root: Path, batch: int, workers: int, resize: int, crop: int) -> float:
     """torchvision ImageFolder + DataLoader + eager model, as a user would write it."""
     from torchvision import datasets, transforms
@@ -111,6 +138,7 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=default_workers())
+    parser.add_argument("--procs", type=int, default=2, help="torchrun processes (sharded run)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -137,6 +165,8 @@ def main() -> None:
         )
         r["embed_vs_bound"] = r["embed_img_s"] / r["bound_img_s"]
         r["embed_vs_plain"] = r["embed_img_s"] / r["plain_pytorch_img_s"]
+        r |= sharded(root, pkg, tmp, args)
+        r["sharded_vs_one"] = r[f"torchrun_{args.procs}_img_s"] / r["one_process_img_s"]
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}))
 
 
