@@ -111,10 +111,6 @@ def scan(
     return list(found.values())
 
 
-def _under(path: str, roots: Sequence[str]) -> bool:
-    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
-
-
 def parse_shard(text: str) -> tuple[int, int]:
     """`I/N` -> (I, N), with 0 <= I < N."""
     left, sep, right = text.partition("/")
@@ -266,32 +262,15 @@ def _embed_shards(
     owned = set(mine)
     files = scan(roots, writer.labelled_by_folders(), keep=lambda p: shard_of(p, n) in owned)
     abs_roots = [os.path.abspath(r) for r in roots]
-    todo, relabel_by_shard = [], {}
+    todo: list[FoundFile] = []
     for s in mine:
-        part = ShardSummary(s)
-        shard = writer.shards[s]
-        known = shard.stats()
         here = [f for f in files if shard_of(f.path, n) == s]
-        present = {f.path for f in here}
-        gone = [p for p in known if p not in present and _under(p, abs_roots)]
-        gone += [p for p, _ in shard.failures() if p not in present and _under(p, abs_roots)]
-        part.removed = shard.remove_paths(gone)
-        relabel = []
-        for f in here:
-            row = known.get(f.path)
-            if row is not None and (row[1], row[2]) == (f.bytes, f.mtime):
-                part.skipped += 1
-                if row[3] != f.label:
-                    relabel.append((f.label, f.path))
-            else:
-                todo.append(f)
-        if relabel:
-            shard.set_labels(relabel)
-            relabel_by_shard[s] = len(relabel)
-        summary.shards.append(part)
+        part_todo, skipped, removed, relabelled = writer.diff(s, here, abs_roots)
+        todo += part_todo
+        summary.shards.append(ShardSummary(s, skipped=skipped, removed=removed))
+        summary.relabelled += relabelled
     summary.skipped = sum(p.skipped for p in summary.shards)
     summary.removed = sum(p.removed for p in summary.shards)
-    summary.relabelled = sum(relabel_by_shard.values())
     if on_start is not None:
         on_start(len(todo), encoder.provider)
     counts = ingest(

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -39,6 +40,17 @@ from mocoserve.store import (
 )
 
 ProgressFn = Callable[[int], None]
+
+
+class FileStat(Protocol):
+    """A scanned file: what a rerun compares with what a shard holds."""
+
+    path: str
+    label: str | None
+    bytes: int
+    mtime: int
+
+
 Sink = Callable[[list[NewItem], list[tuple[str, str]]], None]
 
 
@@ -302,6 +314,40 @@ class IndexWriter:
             by_shard.setdefault(self.shard_for(path).shard, ([], []))[1].append((path, error))
         for s, (items, failures) in sorted(by_shard.items()):
             self.shards[s].commit_batch(items, failures)
+
+    def diff(
+        self, shard: int, files: Iterable[FileStat], roots: Sequence[str]
+    ) -> tuple[list[FileStat], int, int, int]:
+        """Bring a shard in line with a scan of the folders, short of embedding.
+
+        Items under `roots` whose file is gone are removed (with their failures); files of
+        the same size and mtime are kept (relabelled where their folder label changed);
+        the rest (new, changed, failed before) is returned to embed.
+        Returns (to embed, skipped, removed, relabelled).
+        """
+        writer = self.shards[shard]
+        known = writer.stats()
+        here = list(files)
+        present = {f.path for f in here}
+
+        def under(path: str) -> bool:
+            return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+        gone = [p for p in known if p not in present and under(p)]
+        gone += [p for p, _ in writer.failures() if p not in present and under(p)]
+        removed = writer.remove_paths(gone)
+        todo, relabel, skipped = [], [], 0
+        for f in here:
+            row = known.get(f.path)
+            if row is not None and (row[1], row[2]) == (f.bytes, f.mtime):
+                skipped += 1
+                if row[3] != f.label:
+                    relabel.append((f.label, f.path))
+            else:
+                todo.append(f)
+        if relabel:
+            writer.set_labels(relabel)
+        return todo, skipped, removed, len(relabel)
 
     def remove_paths(self, paths: Iterable[str]) -> int:
         grouped: dict[int, list[str]] = {}
