@@ -6,9 +6,12 @@ group, `rank()` is 0, `world_size()` is 1 and the gathers return their input.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
 import inspect
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -75,9 +78,30 @@ def setup(device: str = "auto") -> torch.device:
 
 
 def teardown() -> None:
+    """Leave the process group once every rank is done with it.
+
+    The trainer's DDP wrapper and pending gloo work hold the process group; collecting
+    them first (cycles keep a finished Trainer alive until the next gc) releases them
+    while the group still exists, instead of during interpreter shutdown.
+    """
     if is_distributed():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_worker(code: int = 0) -> None:
+    """End a torchrun worker now that its work is saved and printed: flush, then `os._exit`.
+
+    gloo's C++ threads can outlive the process group; the interpreter's normal shutdown
+    then destroys them while joinable, which aborts the process (SIGABRT, "terminate called
+    without an active exception") after an otherwise successful run, and torchrun reports
+    the whole job failed. Skipping the C++ static destructors avoids that race.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 def barrier() -> None:

@@ -78,6 +78,8 @@ def _fit(
             print(
                 f"done: {result.epoch} epochs, {result.step} steps; checkpoint: {result.checkpoint}"
             )
+    if distributed.launched_by_torchrun():
+        distributed.exit_worker(0)
 
 
 @app.command()
