@@ -26,9 +26,9 @@ from mocoserve.core.errors import RunError, UserError
 from mocoserve.core.images import iter_image_files
 from mocoserve.decode import default_workers
 from mocoserve.model import load
+from mocoserve.planner import FLAT_LIMIT, IndexChoice, parse_size
 from mocoserve.store import ShardedStore, open_store, shard_of, sidecar_path
-from mocoserve.vectors import FLAT_LIMIT
-from mocoserve.writer import IndexWriter, ingest, shards_done
+from mocoserve.writer import IndexWriter, describe_build, ingest, shards_done
 
 
 @dataclass
@@ -59,6 +59,7 @@ class EmbedSummary:
     factory: str = ""
     nprobe: int | None = None
     recall_at_10: float | None = None
+    index_line: str = ""  # what the index is: type, bytes, recall, queries/s
     provider: str = ""
     built: bool = False  # this process built the FAISS file
     shards: list[ShardSummary] = field(default_factory=list)
@@ -149,10 +150,14 @@ def embed_folders(
     shards: int | None = None,
     store_dtype: str | None = None,
     group: Group | None = None,
+    max_index_memory: str | int | None = None,
+    recall_target: float | None = None,
+    on_disk: bool | None = None,
 ) -> EmbedSummary:
     """Embed every image under `roots` into the index at `index_path` (created if new).
 
-    `index_type` None keeps the type the index was made with (auto for a new one).
+    `index_type`, `max_index_memory` ('4G' or bytes), `recall_target` and `on_disk`: None
+    keeps what the index remembers (auto, no budget, 0.95, in memory for a new one).
     `labels_from_folders` None keeps how the index was labelled (the catalog remembers):
     True labels every item by its top-level folder, False drops the labels.
     `shard` (I, N): write shard I of N only. `shards` and `store_dtype` (float32 or float16)
@@ -165,6 +170,8 @@ def embed_folders(
         raise UserError("give at least one image folder")
     started = time.perf_counter()
     index_path = Path(index_path)
+    budget = parse_size(max_index_memory) if isinstance(max_index_memory, str) else max_index_memory
+    choice = IndexChoice(index_type, budget, recall_target, on_disk)
     if not index_path.parent.is_dir():
         raise UserError(f"folder {index_path.parent} does not exist (for --index {index_path})")
     group = group or Group.from_env()
@@ -195,7 +202,7 @@ def embed_folders(
                 writer = IndexWriter(
                     index_path, lock=True, wait=shard is not None, flat_limit=flat_limit
                 )
-                writer.prepare(encoder, count, store_dtype, index_type, labels_from_folders)
+                writer.prepare(encoder, count, store_dtype, choice, labels_from_folders)
                 summary.notes += writer.notes
                 if shard is not None:  # a --shard task holds the lock only to prepare
                     writer.close()
@@ -322,6 +329,7 @@ def _build(writer: IndexWriter, summary: EmbedSummary) -> None:
         built.nprobe,
         built.recall_at_10,
     )
+    summary.notes += writer.notes
 
 
 def _build_if_last(
@@ -349,6 +357,7 @@ def _totals(index_path: Path, summary: EmbedSummary) -> None:
         summary.labelled = store.labelled()
         meta = store.meta()
         summary.factory = summary.factory or meta.get("factory", "Flat")
+        summary.index_line = describe_build(meta)
         if meta.get("nprobe"):
             summary.nprobe = int(meta["nprobe"])
             summary.recall_at_10 = float(meta["recall_at_10"]) if meta.get("recall_at_10") else None

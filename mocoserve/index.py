@@ -32,13 +32,20 @@ from mocoserve.decode import decode_file
 from mocoserve.model import PackageEncoder, load, resize_crop, to_input
 from mocoserve.sidecar import Item, Sidecar
 from mocoserve.store import ShardedStore, open_store, sidecar_path
-from mocoserve.writer import IngestCounts, acquire_lock, model_fingerprint
+from mocoserve.writer import (
+    IngestCounts,
+    acquire_lock,
+    build_facts,
+    describe_build,
+    model_fingerprint,
+)
 
 __all__ = [
     "Hit",
     "ImageIndex",
     "IngestCounts",
     "Item",
+    "describe_build",
     "labelled_by_folders",
     "model_fingerprint",
     "open",
@@ -95,48 +102,89 @@ def same_kind(current: str, target: str) -> bool:
     """Whether an index built as `current` can be kept for `target` (IVF: nlist within 2x)."""
     if current == target:
         return True
-    a, b = (re.fullmatch(r"IVF(\d+),Flat", f) for f in (current, target))
-    return bool(a and b and 0.5 <= int(a[1]) / int(b[1]) <= 2.0)
+    pattern = re.compile(r"IVF(\d+)")
+    a, b = pattern.search(current), pattern.search(target)
+    return bool(
+        a
+        and b
+        and pattern.sub("IVF", current) == pattern.sub("IVF", target)
+        and 0.5 <= int(a[1]) / int(b[1]) <= 2.0
+    )
 
 
 def _factory_of(index: faiss.Index) -> str:
     """A coarse description to notice an index file that is not the one the catalog names."""
     ivf = vec.base_ivf(index)
     if ivf is not None:
-        return f"IVF{ivf.nlist}"
-    inner = faiss.downcast_index(index.index)
-    kind = "Flat" if isinstance(inner, faiss.IndexFlat) else type(inner).__name__
-    return f"{kind}/{inner.metric_type}"
+        return f"IVF{ivf.nlist}/{type(faiss.downcast_index(ivf)).__name__}/{ivf.code_size}"
+    base = vec.inner(index)
+    kind = "Flat" if isinstance(base, faiss.IndexFlat) else type(base).__name__
+    return f"{kind}/{base.metric_type}"
 
 
-def load_faiss(
-    store: Store, path: Path, factory: str, dim: int
-) -> tuple[faiss.IndexIDMap2 | None, bool]:
-    """The FAISS file, patched in memory to hold exactly the store's ids; (index, repaired).
+@dataclass
+class Loaded:
+    """The FAISS file as read, made to agree with the store.
 
-    None when the file is missing, unreadable or not of the kind the catalog names.
+    In memory, the index itself is patched. On-disk lists are never changed by a reader:
+    ids the store no longer has are `hidden`, ids it gained are searched as `extra`.
+    """
+
+    index: faiss.Index | None
+    repaired: bool = False
+    hidden: np.ndarray | None = None
+    extra: tuple[np.ndarray, np.ndarray] | None = None
+
+
+EXTRA_LIMIT = 1_000_000  # a lagging on-disk reader holds at most this many new vectors
+
+
+def load_faiss(store: Store, path: Path, factory: str, dim: int, patch: bool = True) -> Loaded:
+    """The FAISS file, made to hold exactly the store's ids (see `Loaded`).
+
+    Index None when the file is missing, unreadable or not of the kind the catalog names.
+    `patch=False` leaves an on-disk index as read (the writer patches it into new lists).
     """
     if not dim:
-        return None, False
+        return Loaded(None)
     index = vec.read(path, dim)
     if index is None or _factory_of(index) != _factory_of(vec.new_index(factory, dim)):
-        return None, True
-    return index, vec.sync(index, store.ids(), store.vectors) > 0
+        return Loaded(None, True)
+    if not vec.on_disk(index):
+        return Loaded(index, vec.sync(index, store.ids(), store.vectors) > 0)
+    if not patch:
+        return Loaded(index)
+    stale, missing = vec.diff_ids(index, store.ids())
+    extra = None
+    if len(missing):
+        if len(missing) > EXTRA_LIMIT:
+            raise UserError(
+                f"{path} lags its store by {len(missing):,} vectors; run mocoserve index build"
+            )
+        vectors, found = store.gather(missing)
+        extra = (missing[found], vectors[found])
+    return Loaded(index, bool(len(stale) or len(missing)), stale, extra)
 
 
-def build_faiss(store: Store, factory: str) -> vec.Built:
-    """A new FAISS index from every vector of the store (trained on a sample; IVF tuned)."""
+def build_faiss(
+    store: Store,
+    factory: str,
+    target: float = vec.RECALL_TARGET,
+    lists_path: Path | None = None,
+) -> vec.Built:
+    """A new FAISS index from every vector of the store (trained on a sample, tuned)."""
     n, dim = len(store), int(store.get_meta("dim") or 0)
     if n == 0:
-        factory = "Flat"  # nothing to train on; the next build picks the type again
+        factory, lists_path = "Flat", None  # nothing to train on; the next build picks again
     ids = store.ids()
     rng = np.random.default_rng(0)
 
     def sample(m: int) -> np.ndarray:
         picked = np.sort(rng.choice(ids, size=min(m, len(ids)), replace=False))
-        return np.concatenate([v for _, v in store.vectors(picked)])
+        vectors, _ = store.gather(picked)
+        return vectors
 
-    return vec.build(factory, dim, store.vectors, sample, n)
+    return vec.build(factory, dim, store.vectors, sample, n, target, store.gather, lists_path)
 
 
 class ImageIndex:
@@ -165,14 +213,19 @@ class ImageIndex:
         store = self.store
         self.dim = int(store.get_meta("dim") or 0)
         self._len = len(store)
-        self.index, self.repaired = load_faiss(store, self.path, self.factory, self.dim)
+        self.settings = vec.SearchSettings.from_meta(store.meta())
+        loaded = load_faiss(store, self.path, self.factory, self.dim)
+        self.index, self.repaired = loaded.index, loaded.repaired
         if self.index is None and self.dim:
-            built = build_faiss(store, self.factory)  # in memory: a reader never writes
-            self.index = built.index
-        nprobe = store.get_meta("nprobe")
-        self.nprobe = int(nprobe) if nprobe else None
-        if self.index is not None:
-            vec.set_search_params(self.index, self.nprobe)
+            if store.get_meta("on_disk_built") == "true":
+                raise UserError(
+                    f"{self.path} keeps its lists on disk and its file is missing or damaged; "
+                    "run mocoserve index build"
+                )
+            target = float(store.get_meta("tuned_target") or vec.RECALL_TARGET)
+            built = build_faiss(store, self.factory, target)  # in memory: never written
+            self.index, self.settings = built.index, built.settings
+        self._hidden, self._extra = loaded.hidden, loaded.extra
         self._searcher = None
 
     def close(self) -> None:
@@ -196,11 +249,23 @@ class ImageIndex:
         return 2 if isinstance(self.store, ShardedStore) else 1
 
     @property
+    def nprobe(self) -> int | None:
+        return self.settings.nprobe
+
+    @property
     def searcher(self) -> vec.Searcher:
         if self._searcher is None:
             if self.index is None:
                 raise UserError(f"{self.path} is empty: nothing has been embedded yet")
-            self._searcher = vec.Searcher(self.index, self.nprobe, self.device)
+            self._searcher = vec.Searcher(
+                self.index,
+                self.settings,
+                self.device,
+                gather=self.store.gather,
+                hidden=self._hidden,
+                extra=self._extra,
+                gpu_fp16=self.store.get_meta("gpu_fp16") == "true",
+            )
         return self._searcher
 
     @property
@@ -253,6 +318,9 @@ class ImageIndex:
             "search_device": self.searcher.device if self.index is not None else "cpu",
             "format": self.format,
             "shards": int(meta.get("shards") or 1),
+            **build_facts(meta),
+            "gpus": self.searcher.gpus if self.index is not None else 0,
+            "gpu_layout": self.searcher.layout if self.index is not None else None,
         }
 
     # search
@@ -282,18 +350,7 @@ class ImageIndex:
         ]
 
     def _search_label(self, queries: np.ndarray, k: int, label: str):
-        allowed = self.store.ids_with_label(label)
-        if len(allowed) == 0:
-            empty = np.full((len(queries), k), -1, dtype=np.int64)
-            return np.zeros((len(queries), k), dtype=np.float32), empty
-        selector = faiss.IDSelectorBatch(allowed)
-        ivf = vec.base_ivf(self.index)
-        params = (
-            faiss.SearchParametersIVF(sel=selector, nprobe=self.nprobe or ivf.nprobe)
-            if ivf is not None
-            else faiss.SearchParameters(sel=selector)
-        )
-        return self.index.search(queries, min(k, len(allowed)), params=params)
+        return self.searcher.search(queries, k, allowed=self.store.ids_with_label(label))
 
     def embed_images(self, images: Sequence[str | Path | Image.Image]) -> np.ndarray:
         """Embed query images (paths or PIL images); a bad file is a UserError."""

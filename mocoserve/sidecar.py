@@ -187,6 +187,18 @@ class Sidecar(DbFile):
             if rows:
                 yield _block(rows, dim)
 
+    def gather(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 vectors, found) for these ids in the order given."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        out = np.zeros((len(ids), int(self.get_meta("dim") or 0)), dtype=np.float32)
+        found = np.zeros(len(ids), dtype=bool)
+        wanted = np.unique(ids[ids >= 0])
+        for block_ids, block in self.vectors(wanted):
+            at = np.isin(ids, block_ids)
+            out[at] = block[np.searchsorted(block_ids, ids[at])]
+            found |= at
+        return out, found
+
     def commit_batch(
         self, added: list[NewItem], failed: list[tuple[str, str]], replaced: Iterable[str] = ()
     ) -> list[int]:

@@ -128,6 +128,8 @@ class Shard:
         self.writer = writer
         self._lock_fd: int | None = None
         self._fd: int | None = None
+        self._row_of: np.ndarray | None = None  # seq -> row (-1: none), for gather
+        self._map: np.ndarray | None = None
         self.db: ShardDb | None = None
         if writer:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -189,6 +191,7 @@ class Shard:
         self.db.db.execute("UPDATE meta SET value = ? WHERE key = 'rows'", (str(rows),))
 
     def close(self) -> None:
+        self._row_of = self._map = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -227,9 +230,15 @@ class Shard:
     def _query(self, sql: str, params: Sequence = ()) -> list:
         return [] if self.db is None else self.db.db.execute(sql, params).fetchall()
 
+    def _column(self, sql: str) -> np.ndarray:
+        """One integer column, streamed from the cursor (no list of row tuples: 2M rows of
+        Python tuples would be ~200 MB)."""
+        if self.db is None:
+            return np.zeros(0, dtype=np.int64)
+        return np.fromiter((r[0] for r in self.db.db.execute(sql)), dtype=np.int64)
+
     def seqs(self) -> np.ndarray:
-        rows = self._query("SELECT seq FROM items ORDER BY seq")
-        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        return self._column("SELECT seq FROM items ORDER BY seq")
 
     def items(self, seqs: Iterable[int]) -> dict[int, Item]:
         """seq -> Item (with its global id) for the seqs that exist."""
@@ -304,6 +313,35 @@ class Shard:
             if found:
                 pairs = np.asarray(found, dtype=np.int64).reshape(-1, 2)
                 yield self.to_id(pairs[:, 0]), self.read_rows(pairs[:, 1])
+
+    def gather(self, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 vectors, found) for these seqs in the order given, from the mapped file.
+
+        Random access for re-ranking search candidates: the seq -> row table (4 bytes an
+        item) is read once, the vector file is memory-mapped (the kernel's page cache, not
+        this process's heap, holds what is read). A reader is a snapshot: seqs committed
+        after the first call are not found.
+        """
+        if self._row_of is None:
+            seq = self._column("SELECT seq FROM items ORDER BY seq")
+            row = self._column("SELECT row FROM items ORDER BY seq")
+            row_of = np.full(int(seq[-1]) + 1 if len(seq) else 0, -1, dtype=np.int64)
+            row_of[seq] = row
+            self._row_of = row_of.astype(np.int32) if len(row) and row.max() < 2**31 else row_of
+            rows = int(row.max()) + 1 if len(row) else 0
+            del seq, row, row_of
+            if rows:
+                shape = (rows, self.dim)
+                self._map = np.memmap(self.vector_path, self.dtype, mode="r", shape=shape)
+        seqs = np.asarray(seqs, dtype=np.int64)
+        known = (seqs >= 0) & (seqs < len(self._row_of))
+        rows = np.full(len(seqs), -1, dtype=np.int64)
+        rows[known] = self._row_of[seqs[known]]
+        found = rows >= 0
+        out = np.zeros((len(seqs), self.dim), dtype=np.float32)
+        if found.any() and self._map is not None:
+            out[found] = self._map[rows[found]]
+        return out, found
 
     def labels(self) -> set[str]:
         return {
@@ -478,6 +516,17 @@ class ShardedStore:
         for s, seqs in sorted(self._by_shard(ids).items()):
             if s < self.shards:
                 yield from self.shard(s).vectors(np.asarray(seqs, dtype=np.int64))
+
+    def gather(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 vectors, found) for these ids in the order given (see Shard.gather)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        out = np.zeros((len(ids), self.dim), dtype=np.float32)
+        found = np.zeros(len(ids), dtype=bool)
+        shard_no, seqs = ids % self.shards, ids // self.shards
+        for s in np.unique(shard_no[ids >= 0]).tolist():
+            mine = (shard_no == s) & (ids >= 0)
+            out[mine], found[mine] = self.shard(s).gather(seqs[mine])
+        return out, found
 
     def labels(self) -> list[str]:
         found: set[str] = set()

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from mocoserve.core.errors import UserError
 from mocoserve.dbfile import format_version
 from mocoserve.decode import Decoded, decode_files
 from mocoserve.model import PackageEncoder, to_input
+from mocoserve.planner import FLAT_LIMIT, IndexChoice, show_size
 from mocoserve.sidecar import NewItem
 from mocoserve.store import (
     DTYPES,
@@ -148,6 +149,7 @@ class BuildInfo:
     nprobe: int | None
     recall_at_10: float | None
     version: int
+    summary: str = ""  # `describe_build`'s line
 
 
 class IndexWriter:
@@ -163,7 +165,7 @@ class IndexWriter:
         index_path: str | Path,
         lock: bool = True,
         wait: bool = False,
-        flat_limit: int = vec.FLAT_LIMIT,
+        flat_limit: int = FLAT_LIMIT,
     ) -> None:
         self.path = Path(index_path)
         self.flat_limit = flat_limit
@@ -217,14 +219,15 @@ class IndexWriter:
         encoder: PackageEncoder,
         shards: int | None = None,
         store_dtype: str | None = None,
-        index_type: str | None = None,
+        choice: IndexChoice | None = None,
         labels_from_folders: bool | None = None,
         expected: int = 0,
     ) -> dict[str, str]:
         """Create the index, or migrate (format 1) and check it: the model, dim, shards.
 
         `shards` and `store_dtype` are fixed when the index is made; given again they must
-        match. `index_type` and `labels_from_folders` are remembered for later runs.
+        match. `choice` (--index-type, --max-index-memory, --recall-target, --on-disk) and
+        `labels_from_folders` are remembered for later runs.
         """
         if not self.locked:
             raise RuntimeError("prepare needs the index's writer lock")
@@ -278,10 +281,12 @@ class IndexWriter:
             made_dtype = meta.get("store_dtype") or "float32"
             if store_dtype is not None and store_dtype != made_dtype:
                 raise UserError(f"{self.path} stores {made_dtype} vectors, not {store_dtype}")
-        if index_type is not None:
-            factory = vec.choose_factory(index_type, max(expected, 1), self.flat_limit)
-            vec.new_index(factory, dim)  # a UserError before any work
-            catalog.set_meta({"index_type": index_type})
+        if choice is not None:
+            remembered = IndexChoice.from_meta(catalog.meta()).merged(choice)
+            n = max(expected, len_hint(catalog), 1)
+            plan = remembered.plan(n, dim, self.flat_limit)  # a UserError before any work
+            vec.new_index(plan.factory, dim)
+            catalog.set_meta(choice.to_meta())
         if labels_from_folders is not None:
             catalog.set_meta({"labels": "folders" if labels_from_folders else "none"})
         return catalog.meta()
@@ -361,61 +366,162 @@ class IndexWriter:
 
     # the FAISS file
     def build(self) -> BuildInfo:
-        """Bring the FAISS file into agreement with every shard and write it atomically."""
+        """Bring the FAISS file into agreement with every shard and write it atomically.
+
+        The index type is `mocoserve.planner`'s choice for the store's size, the index's
+        remembered --index-type, --max-index-memory and --on-disk. It is rebuilt (trained
+        and tuned anew) when missing, of another kind, moved to or from disk, or when the
+        count drifted 10% from the last training; otherwise patched: in memory by id, on
+        disk into a new lists file (readers keep the old one until they reopen). Search is
+        re-tuned when the recall target changes.
+        """
         from mocoserve.index import build_faiss, load_faiss, same_kind
 
         if not self.locked:
             raise RuntimeError("building needs the index's writer lock")
         catalog = self.catalog()
+        meta = catalog.meta()
         store = ShardedStore(self.path)
+        version = int(meta.get("version") or 0) + 1
         try:
-            n, dim = len(store), int(catalog.get_meta("dim") or 0)
-            target = vec.choose_factory(
-                catalog.get_meta("index_type") or "auto", n, self.flat_limit
-            )
-            current = catalog.get_meta("factory") or "Flat"
-            index, _ = load_faiss(store, self.path, current, dim)
-            tuned_at = int(catalog.get_meta("tuned_ntotal") or 0)
-            retune = abs(n - tuned_at) > 0.1 * max(tuned_at, 1)
-            if (
+            n, dim = len(store), int(meta.get("dim") or 0)
+            choice = IndexChoice.from_meta(meta)
+            plan = choice.plan(n, dim, self.flat_limit)
+            target = choice.recall_target or vec.RECALL_TARGET
+            disk = bool(choice.on_disk) and n > 0
+            lists_path = self.path.with_name(f"{self.path.name}.lists-{version}")
+            current = meta.get("factory") or "Flat"
+            index = load_faiss(store, self.path, current, dim, patch=False).index
+            tuned_at = int(meta.get("tuned_ntotal") or 0)
+            drifted = abs(n - tuned_at) > 0.1 * max(tuned_at, 1)
+            rebuild = (
                 index is None
-                or not same_kind(current, target)
-                or (vec.base_ivf(index) is not None and retune)
-            ):
-                built = build_faiss(store, target if not same_kind(current, target) else current)
-                index = built.index
-                meta = {
-                    "factory": built.factory,
+                or not same_kind(current, plan.factory)
+                or vec.on_disk(index) != disk
+                or (vec.base_ivf(index) is not None and drifted)
+            )
+            if rebuild:
+                factory = plan.factory if not same_kind(current, plan.factory) else current
+                if index is not None and not same_kind(current, plan.factory):
+                    self.notes.append(f"index type {current} -> {plan.factory} ({plan.why})")
+                built = build_faiss(store, factory, target, lists_path if disk else None)
+                index, settings = built.index, built.settings
+                tuned = {
+                    "factory": built.factory if n else "Flat",
                     "tuned_ntotal": str(n),
-                    "nprobe": "",
-                    "recall_at_10": "",
+                    "recall_at_10": f"{built.recall_at_10:.4f}" if built.recall_at_10 else "",
+                    "qps": f"{built.qps:.0f}" if built.qps else "",
+                    "tuned_target": repr(target),
+                    "plan_why": plan.why,
                 }
-                if built.nprobe is not None:
-                    meta |= {
-                        "nprobe": str(built.nprobe),
-                        "recall_at_10": f"{built.recall_at_10:.4f}",
+            else:
+                if vec.on_disk(index):
+                    stale, missing = vec.diff_ids(index, store.ids())
+                    if len(stale) or len(missing):
+                        index = vec.patch_on_disk(index, stale, store.vectors(missing), lists_path)
+                settings, tuned = vec.SearchSettings.from_meta(meta), {}
+                if meta.get("tuned_target") != repr(target):
+                    settings, recall, qps = vec.tune(index, store.vectors, n, target, store.gather)
+                    tuned = {
+                        "recall_at_10": f"{recall:.4f}" if recall else "",
+                        "qps": f"{qps:.0f}" if qps else "",
+                        "tuned_target": repr(target),
                     }
-                catalog.set_meta(meta)
+            vec.apply_settings(index, settings)
+            vec.write_atomic(index, self.path)
         finally:
             store.close()
-        vec.write_atomic(index, self.path)
-        version = int(catalog.get_meta("version") or 0) + 1
+        kept = vec.lists_file(index)
+        self._drop_old_lists(Path(kept).name if kept else None)
+        ram = self.path.stat().st_size
+        lists_bytes = Path(kept).stat().st_size if kept else 0
+        exact = vec.exact_codes(index) and not vec.on_disk(index)
         catalog.set_meta(
             {
+                **tuned,
+                **settings.to_meta(),
+                "on_disk_built": "true" if kept else "false",
+                "ram_bytes": str(ram),
+                "disk_bytes": str(lists_bytes),
+                "gpu_fp16": "true" if exact and store_is_fp16(meta) else "false",
                 "index_ntotal": str(index.ntotal),
                 "version": str(version),
                 "built_at": repr(time.time()),
             }
         )
-        nprobe = catalog.get_meta("nprobe")
-        recall = catalog.get_meta("recall_at_10")
+        budget = choice.max_index_memory
+        if budget is not None and ram > budget:
+            self.notes.append(
+                f"the index takes {show_size(ram)} in RAM, over --max-index-memory "
+                f"{show_size(budget)}"
+            )
+        meta = catalog.meta()
+        recall = meta.get("recall_at_10")
         return BuildInfo(
             index.ntotal,
-            catalog.get_meta("factory") or "Flat",
-            int(nprobe) if nprobe else None,
+            meta.get("factory") or "Flat",
+            settings.nprobe,
             float(recall) if recall else None,
             version,
+            describe_build(meta),
         )
+
+    def _drop_old_lists(self, keep: str | None) -> None:
+        """Delete on-disk lists files the index no longer names (readers that mapped one
+        keep reading it: an unlinked file lives until its last mapping goes)."""
+        for old in self.path.parent.glob(f"{self.path.name}.lists-*"):
+            if old.name != keep:
+                old.unlink(missing_ok=True)
+        for piece in self.path.parent.glob(f".{self.path.name}.lists-*.piece-*"):
+            piece.unlink(missing_ok=True)
+
+
+def len_hint(catalog: Catalog) -> int:
+    """The item count of the last build (0 before it)."""
+    return int(catalog.get_meta("index_ntotal") or 0)
+
+
+def store_is_fp16(meta: dict[str, str]) -> bool:
+    """A float16 store means fp16 vectors already keep the recall the index was tuned at."""
+    return meta.get("store_dtype") == "float16"
+
+
+def build_facts(meta: dict[str, str]) -> dict[str, Any]:
+    """What the last build chose and measured, from the catalog."""
+
+    def number(key: str, kind: type = int) -> Any:
+        value = meta.get(key)
+        return kind(value) if value else None
+
+    return {
+        "on_disk": meta.get("on_disk_built") == "true",
+        "plan": meta.get("plan_why"),
+        "ef_search": number("ef_search"),
+        "k_factor": number("k_factor") or 1,
+        "recall_at_10": number("recall_at_10", float),
+        "recall_target": number("tuned_target", float),
+        "qps": number("qps", float),
+        "ram_bytes": number("ram_bytes"),
+        "disk_bytes": number("disk_bytes"),
+        "max_index_memory": number("max_index_memory"),
+    }
+
+
+def describe_build(meta: dict[str, str]) -> str:
+    """One line: the index type, its bytes, and recall/QPS as tuned."""
+    facts = build_facts(meta)
+    parts = [meta.get("factory") or "Flat"]
+    if facts["ram_bytes"] is not None:
+        parts.append(f"{show_size(facts['ram_bytes'])} in RAM")
+    if facts["on_disk"] and facts["disk_bytes"] is not None:
+        parts.append(f"{show_size(facts['disk_bytes'])} of lists on disk")
+    settings = vec.SearchSettings.from_meta(meta).describe()
+    if facts["recall_at_10"] is not None:
+        tuned = f"recall@10 {facts['recall_at_10']:.3f}"
+        parts.append(f"{tuned} at {settings}" if settings else tuned)
+    if facts["qps"]:
+        parts.append(f"{facts['qps']:,.0f} queries/s on the CPU")
+    return ", ".join(parts)
 
 
 def shards_done(index_path: str | Path) -> tuple[bool, float]:

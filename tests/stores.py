@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +38,13 @@ def committed(index_path: Path) -> int:
     """Items committed so far, read straight from the shard files (a writer may be running)."""
     total = 0
     for db in shards_path(index_path).glob("*/items.db"):
-        try:
-            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
-                total += conn.execute("SELECT count(*) FROM items").fetchone()[0]
-        except sqlite3.OperationalError:
-            pass
+        # a read-write connection (reads only): after a writer was killed, its WAL needs a
+        # recovery that a read-only connection cannot do (it would miss the whole shard)
+        for _ in range(20):
+            try:
+                with sqlite3.connect(db, timeout=5) as conn:
+                    total += conn.execute("SELECT count(*) FROM items").fetchone()[0]
+                break
+            except sqlite3.OperationalError:  # the file is being made: try again
+                time.sleep(0.05)
     return total

@@ -4,6 +4,7 @@ import faiss
 import numpy as np
 import pytest
 
+from mocoserve import planner
 from mocoserve import vectors as vec
 from mocoserve.core.errors import UserError
 
@@ -25,13 +26,15 @@ def sampler(x: np.ndarray):
     return lambda m: x[rng.choice(len(x), size=min(m, len(x)), replace=False)]
 
 
-def test_choose_factory():
-    assert vec.choose_factory("auto", 10) == "Flat"
-    assert vec.choose_factory("auto", 2_000_000) == f"IVF{vec.ivf_nlist(2_000_000)},Flat"
-    assert vec.ivf_nlist(1_000_000) == 4000
-    assert vec.choose_factory("auto", 5000, flat_limit=1000) == "IVF283,Flat"
-    assert vec.choose_factory("hnsw", 10) == "HNSW32,Flat"
-    assert vec.choose_factory("IDMap2,PQ8", 10) == "PQ8"
+def test_choose_without_a_budget():
+    assert planner.choose("auto", 10, 32).factory == "Flat"
+    assert planner.choose("auto", 2_000_000, 32).factory == "IVF5657,Flat"
+    assert planner.ivf_nlist(1_000_000) == 4000
+    assert planner.choose("auto", 5000, 32, flat_limit=1000).factory == "IVF128,Flat"  # n/39
+    assert planner.choose("hnsw", 10, 32).factory == "HNSW32,Flat"
+    assert planner.choose("IDMap2,PQ8", 10, 32).factory == "PQ8"
+    assert planner.choose("auto", 100_000_000, 32).factory == "IVF40000,Flat"
+    assert planner.choose("ivf", 300_000_000, 32).factory == "IVF69282_HNSW32,Flat"
 
 
 def test_bad_factory_is_a_user_error():
@@ -53,7 +56,7 @@ def test_auto_ivf_meets_recall_target_on_held_out_queries():
     n = 20_000
     x = clustered(n)
     ids = np.arange(n, dtype=np.int64) * 3 + 7  # ids need not be positions
-    factory = vec.choose_factory("auto", n, flat_limit=1000)
+    factory = planner.choose("auto", n, 32, flat_limit=1000).factory
     assert factory.startswith("IVF")
     built = vec.build(factory, 32, blocks_of(ids, x), sampler(x), n)
     assert built.nprobe is not None and built.recall_at_10 >= vec.RECALL_TARGET
