@@ -129,7 +129,6 @@ class Shard:
         self._lock_fd: int | None = None
         self._fd: int | None = None
         self._row_of: np.ndarray | None = None  # seq -> row (-1: none), for gather
-        self._map: np.ndarray | None = None
         self.db: ShardDb | None = None
         if writer:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -191,7 +190,7 @@ class Shard:
         self.db.db.execute("UPDATE meta SET value = ? WHERE key = 'rows'", (str(rows),))
 
     def close(self) -> None:
-        self._row_of = self._map = None
+        self._row_of = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -315,12 +314,13 @@ class Shard:
                 yield self.to_id(pairs[:, 0]), self.read_rows(pairs[:, 1])
 
     def gather(self, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(float32 vectors, found) for these seqs in the order given, from the mapped file.
+        """(float32 vectors, found) for these seqs in the order given.
 
         Random access for re-ranking search candidates: the seq -> row table (4 bytes an
-        item) is read once, the vector file is memory-mapped (the kernel's page cache, not
-        this process's heap, holds what is read). A reader is a snapshot: seqs committed
-        after the first call are not found.
+        item) is read once; rows are read with pread (`read_rows`), not memory-mapped: a
+        mapping's fault-around would count up to 64 KB of neighbours per candidate in this
+        process's RSS. A reader is a snapshot: seqs committed after the first call are not
+        found.
         """
         if self._row_of is None:
             seq = self._column("SELECT seq FROM items ORDER BY seq")
@@ -328,19 +328,15 @@ class Shard:
             row_of = np.full(int(seq[-1]) + 1 if len(seq) else 0, -1, dtype=np.int64)
             row_of[seq] = row
             self._row_of = row_of.astype(np.int32) if len(row) and row.max() < 2**31 else row_of
-            rows = int(row.max()) + 1 if len(row) else 0
             del seq, row, row_of
-            if rows:
-                shape = (rows, self.dim)
-                self._map = np.memmap(self.vector_path, self.dtype, mode="r", shape=shape)
         seqs = np.asarray(seqs, dtype=np.int64)
         known = (seqs >= 0) & (seqs < len(self._row_of))
         rows = np.full(len(seqs), -1, dtype=np.int64)
         rows[known] = self._row_of[seqs[known]]
         found = rows >= 0
         out = np.zeros((len(seqs), self.dim), dtype=np.float32)
-        if found.any() and self._map is not None:
-            out[found] = self._map[rows[found]]
+        if found.any():
+            out[found] = self.read_rows(rows[found])
         return out, found
 
     def labels(self) -> set[str]:

@@ -275,7 +275,14 @@ def build(
                 f"index {factory!r} needs at least {needed} vectors to train and there are {n}; "
                 "use --index-type flat or a smaller nlist"
             )
-        train(index, train_sample(train_size(index, n)))
+        try:
+            train(index, train_sample(train_size(index, n)))
+        except RuntimeError as e:  # FAISS's C++ checks: too few points for its codebooks
+            reason = str(e).strip().splitlines()[-1].split("failed: ")[-1][:200]
+            raise UserError(
+                f"index {factory!r} cannot be trained on {n} vectors ({reason}); "
+                "use --index-type auto or flat until there are more"
+            ) from None
     if lists_path is not None:
         index = fill_on_disk(index, blocks(), lists_path)
     else:
@@ -800,7 +807,8 @@ class Searcher:
             settings = SearchSettings(settings)
         self.index = index
         self.settings = settings
-        self.gather = gather if settings.k_factor > 1 else None
+        # compressed codes: candidates re-ranked (and scored) with the stored vectors
+        self.gather = gather if not exact_codes(index) else None
         self.hidden = np.asarray(hidden if hidden is not None else [], dtype=np.int64)
         self.extra = None
         if extra is not None and len(extra[0]):
@@ -860,7 +868,8 @@ class Searcher:
                 np.full((len(queries), k), -1, dtype=np.int64),
             )
         want = min(k, total if allowed is None else min(total, len(allowed)))
-        fetch = min(want * self.settings.k_factor, total) if self.gather else want
+        # the factor was tuned for 10 neighbours: fewer never get fewer candidates
+        fetch = min(max(want, 10) * self.settings.k_factor, total) if self.gather else want
         selector = self._selector(allowed)
         if selector is None and self._gpu_can(fetch):
             scores, ids = self._search_gpu(queries, fetch)

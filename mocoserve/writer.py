@@ -282,14 +282,21 @@ class IndexWriter:
             if store_dtype is not None and store_dtype != made_dtype:
                 raise UserError(f"{self.path} stores {made_dtype} vectors, not {store_dtype}")
         if choice is not None:
-            remembered = IndexChoice.from_meta(catalog.meta()).merged(choice)
-            n = max(expected, len_hint(catalog), 1)
-            plan = remembered.plan(n, dim, self.flat_limit)  # a UserError before any work
-            vec.new_index(plan.factory, dim)
-            catalog.set_meta(choice.to_meta())
+            self.choose(choice, expected)
         if labels_from_folders is not None:
             catalog.set_meta({"labels": "folders" if labels_from_folders else "none"})
         return catalog.meta()
+
+    def choose(self, choice: IndexChoice, expected: int = 0) -> None:
+        """Remember what the index is to be built as; checked (a UserError) before any work."""
+        catalog = self.catalog()
+        meta = catalog.meta()
+        dim = int(meta.get("dim") or 0)
+        if dim:
+            remembered = IndexChoice.from_meta(meta).merged(choice)
+            n = max(expected, int(meta.get("index_ntotal") or 0), 1)
+            vec.new_index(remembered.plan(n, dim, self.flat_limit).factory, dim)
+        catalog.set_meta(choice.to_meta())
 
     def labelled_by_folders(self) -> bool:
         return self.catalog().get_meta("labels") == "folders"
@@ -474,11 +481,6 @@ class IndexWriter:
                 old.unlink(missing_ok=True)
         for piece in self.path.parent.glob(f".{self.path.name}.lists-*.piece-*"):
             piece.unlink(missing_ok=True)
-
-
-def len_hint(catalog: Catalog) -> int:
-    """The item count of the last build (0 before it)."""
-    return int(catalog.get_meta("index_ntotal") or 0)
 
 
 def store_is_fp16(meta: dict[str, str]) -> bool:

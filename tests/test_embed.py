@@ -266,6 +266,16 @@ def test_model_mismatch_and_bad_input_are_clear_errors(folder, tmp_path, model_d
         "Bogus12",
     )
     assert bad_type.exit_code == 2 and "FAISS factory" in bad_type.output
+    untrainable = embed(
+        str(folder),
+        "--index",
+        str(tmp_path / "pq.faiss"),
+        "--model",
+        str(model_dir),
+        "--index-type",
+        "OPQ4,IVF2,PQ4",
+    )
+    assert untrainable.exit_code == 2 and "cannot be trained on 18 vectors" in untrainable.output
     assert "embedded" not in bad_type.output  # refused before any embedding
     precious = tmp_path / "photo.jpg"
     precious.write_bytes(b"not to be overwritten")
@@ -284,15 +294,77 @@ def test_model_mismatch_and_bad_input_are_clear_errors(folder, tmp_path, model_d
         mocoserve.index.open(index, model=other)
 
 
-@pytest.mark.parametrize("index_type", ["hnsw", "IVF4,Flat", "ivf"])
+@pytest.mark.parametrize(
+    "index_type",
+    ["hnsw", "IVF4,Flat", "ivf", "ivf --on-disk", "IVF2,PQ4x4", "IVF2,SQ8"],
+)
 def test_other_index_types_follow_changes(folder, tmp_path, model_dir, index_type):
+    """Every kind keeps each kept vector findable under its id after removes (and adds)."""
     index = tmp_path / "out.faiss"
-    args = ["--index", str(index), "--model", str(model_dir), "--index-type", index_type]
+    kind, *more = index_type.split()
+    args = ["--index", str(index), "--model", str(model_dir), "--index-type", kind, *more]
     result = embed(str(folder), *args)
     assert result.exit_code == 0, result.output
     (folder / "class_2" / "img_000.jpg").unlink()
     assert "removed 1" in embed(str(folder), "--index", str(index)).output
     assert_agree(index)
+    idx = mocoserve.index.open(index)
+    files = sorted(str(p) for p in folder.rglob("*.*"))
+    assert [h[0].path for h in idx.search_images(files, k=1)] == files
+    idx.close()
+    original, copy = folder / "class_1" / "img_002.jpg", folder / "class_1" / "copy.jpg"
+    shutil.copy(original, copy)
+    assert "embedded 1" in embed(str(folder), "--index", str(index)).output
+    assert_agree(index)
+    idx = mocoserve.index.open(index)
+    found = {h.path for h in idx.search_images([copy], k=2)[0]}
+    assert found == {str(original), str(copy)}  # the added copy and its twin, both exact
+    if "--on-disk" in more:
+        assert [p.name for p in tmp_path.glob("out.faiss.lists-*")] == ["out.faiss.lists-3"]
+
+
+def test_budget_target_and_on_disk_are_remembered_and_reported(folder, tmp_path, model_dir):
+    index = tmp_path / "out.faiss"
+    made = embed(
+        str(folder),
+        "--index",
+        str(index),
+        "--model",
+        str(model_dir),
+        "--on-disk",
+        "--max-index-memory",
+        "1M",
+        "--recall-target",
+        "0.9",
+    )
+    assert made.exit_code == 0, made.output
+    assert "of lists on disk" in made.output and "recall@10" in made.output
+    (folder / "class_0" / "img_000.jpg").unlink()
+    again = embed(str(folder), "--index", str(index))  # remembered: still on disk
+    assert "removed 1" in again.output and "of lists on disk" in again.output
+    assert [p.name for p in tmp_path.glob("out.faiss.lists-*")] == ["out.faiss.lists-2"]
+    shown = runner.invoke(app, ["index", "info", str(index), "--json"])
+    assert shown.exit_code == 0, shown.output
+    facts = json.loads(shown.stdout)
+    assert facts["on_disk"] and facts["items"] == 17 and facts["max_index_memory"] == 1 << 20
+    assert facts["recall_target"] == 0.9 and facts["recall_at_10"] >= 0.9
+    assert facts["disk_bytes"] == (tmp_path / "out.faiss.lists-2").stat().st_size
+    table = runner.invoke(app, ["index", "info", str(index)])
+    assert table.exit_code == 0 and "on disk (lists)" in table.output and "nprobe" in table.output
+    back = runner.invoke(app, ["index", "build", str(index), "--in-memory"])
+    assert back.exit_code == 0, back.output
+    assert not list(tmp_path.glob("out.faiss.lists-*"))
+    assert not json.loads(runner.invoke(app, ["index", "info", str(index), "--json"]).stdout)[
+        "on_disk"
+    ]
+    assert_agree(index)
+    for bad, words in (
+        (["--max-index-memory", "lots"], "max-index-memory"),
+        (["--recall-target", "2"], "recall-target"),
+        (["--index-type", "hnsw", "--on-disk"], "on-disk"),
+    ):
+        refused = runner.invoke(app, ["index", "build", str(index), *bad])
+        assert refused.exit_code == 2 and words in refused.output, refused.output
     idx = mocoserve.index.open(index)
     files = sorted(str(p) for p in folder.rglob("*.*"))
     assert [h[0].path for h in idx.search_images(files, k=1)] == files

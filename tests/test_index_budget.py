@@ -185,8 +185,15 @@ def test_two_million_vectors_in_256m_compressed_tuned_and_searched_the_same(tmp_
         store.close()
     scores = np.einsum("qkd,qd->qk", stored.reshape(len(q), -1, dim), q)
     scores[(candidates < 0) | ~found.reshape(candidates.shape)] = -np.inf
-    direct = np.take_along_axis(candidates, np.argsort(-scores, axis=1)[:, :10], axis=1)
-    assert np.array_equal(ours, direct)
+    best = np.argsort(-scores, axis=1)[:, :10]
+    direct = np.take_along_axis(candidates, best, axis=1)
+    same = np.all(ours == direct, axis=1)
+    assert same.mean() > 0.95  # the rest: near-equal scores summed in another order
+    direct_scores = np.take_along_axis(scores, best, axis=1)
+    for row in np.flatnonzero(~same):
+        pos = np.searchsorted(np.sort(candidates[row]), ours[row])
+        ours_scores = scores[row][np.argsort(candidates[row])][pos]
+        assert np.allclose(ours_scores, direct_scores[row], atol=1e-5)
 
 
 @pytest.mark.slow

@@ -37,6 +37,32 @@ from mocoserve.core.files import shown
 
 app = typer.Typer()
 
+MemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--max-index-memory",
+        help="RAM the index may take, e.g. 256M or 4G: auto then picks the most exact index "
+        "that fits (Flat, IVF-Flat, IVF-SQ8, OPQ + IVF-PQ re-ranked from the store). "
+        "Remembered by the index.",
+    ),
+]
+RecallOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--recall-target",
+        help="recall@10 (against exact search) that search settings are tuned to; "
+        "default 0.95. Remembered.",
+    ),
+]
+OnDiskOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--on-disk/--in-memory",
+        help="Keep the IVF inverted lists in a file beside the index, memory-mapped to "
+        "search (an index larger than RAM). Remembered.",
+    ),
+]
+
 
 @app.command()
 def embed(
@@ -53,6 +79,9 @@ def embed(
             "index, else the type it has).",
         ),
     ] = None,
+    max_index_memory: MemoryOpt = None,
+    recall_target: RecallOpt = None,
+    on_disk: OnDiskOpt = None,
     labels_from_folders: Annotated[
         bool | None,
         typer.Option(
@@ -142,6 +171,9 @@ def embed(
                 batch_size=batch_size or 64,
                 workers=workers,
                 index_type=index_type,
+                max_index_memory=max_index_memory,
+                recall_target=recall_target,
+                on_disk=on_disk,
                 labels_from_folders=labels_from_folders,
                 device=device or "auto",
                 on_start=on_start,
@@ -199,15 +231,10 @@ def print_summary(index: Path, summary, per_shard: bool) -> None:
             f"time in stages: decode wait {s['decode_wait']:.1f} s, model {s['embed']:.1f} s, "
             f"commit {s['commit']:.1f} s"
         )
-    tuning = (
-        f", nprobe {summary.nprobe} (recall@10 {summary.recall_at_10:.3f})"
-        if summary.nprobe
-        else ""
-    )
     built = "" if summary.built or not per_shard else " (index not built by this run)"
     out.print(
         f"{index}: {summary.total} images, {summary.labelled} labelled, "
-        f"{summary.factory}{tuning}{built}"
+        f"{summary.index_line or summary.factory}{built}"
     )
 
 
@@ -277,25 +304,98 @@ index_app = typer.Typer(
 
 
 @index_app.command("build")
-def build(index: IndexArg) -> None:
-    """Build the FAISS file from every shard (after --shard tasks), atomically."""
+def build(
+    index: IndexArg,
+    index_type: Annotated[
+        str | None,
+        typer.Option("--index-type", help="auto | flat | ivf | hnsw | a FAISS factory string."),
+    ] = None,
+    max_index_memory: MemoryOpt = None,
+    recall_target: RecallOpt = None,
+    on_disk: OnDiskOpt = None,
+) -> None:
+    """Build the FAISS file from every shard (after --shard tasks), atomically.
+
+    The options change (and are remembered as) what the index is built as; without them,
+    the index is built as it was.
+    """
 
     def work() -> None:
         from mocoserve.dbfile import format_version
+        from mocoserve.planner import IndexChoice, parse_size
         from mocoserve.store import migrate, sidecar_path
         from mocoserve.writer import IndexWriter, shards_done
 
         if format_version(sidecar_path(index)) is None:
             raise UserError(f"{index} is not an index (no {index}.db); make one with embed")
+        budget = parse_size(max_index_memory) if max_index_memory is not None else None
+        choice = IndexChoice(index_type, budget, recall_target, on_disk)
         with IndexWriter(index) as writer:
             if format_version(sidecar_path(index)) == 1:
                 print(f"moved {migrate(index)} items to the sharded layout (no re-embedding)")
             done, _ = shards_done(index)
             if not done:
                 print("note: some shards have not completed a pass; built from what they hold")
+            writer.choose(choice)
             built = writer.build()
-        tuning = f", nprobe {built.nprobe}" if built.nprobe else ""
-        print(f"{index}: {built.items} images, {built.factory}{tuning} (version {built.version})")
+            for note in writer.notes:
+                print(f"note: {note}")
+        print(f"{index}: {built.items} images, {built.summary} (version {built.version})")
+
+    guarded(work)
+
+
+@index_app.command("info")
+def info_command(
+    index: IndexArg,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout, for scripts.")] = False,
+    device: DeviceOpt = None,
+) -> None:
+    """What an index is: type, vectors, bytes in RAM and on disk, recall and settings as
+    tuned, where it searches (GPUs)."""
+
+    def work() -> None:
+        import mocoserve.index
+        from mocoserve.planner import show_size
+
+        idx = mocoserve.index.open(index, device=device or "auto", readonly=True)
+        try:
+            facts = {k: v for k, v in idx.info().items() if k != "labels"}
+            facts["labels"] = len(idx.labels())
+        finally:
+            idx.close()
+        if as_json:
+            json.dump(facts, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+            return
+
+        def size(key: str) -> str:
+            return show_size(facts[key]) if facts.get(key) is not None else "-"
+
+        where = f"{facts['gpus']} GPU(s), {facts['gpu_layout']}" if facts["gpus"] else "the CPU"
+        tuned = "-"
+        if facts.get("recall_at_10") is not None:
+            tuned = f"{facts['recall_at_10']:.4f} (target {facts.get('recall_target') or '-'})"
+        rows = [
+            ("index", facts["index"]),
+            ("type", facts["factory"] + (f"  ({facts['plan']})" if facts.get("plan") else "")),
+            ("vectors", f"{facts['items']:,} x {facts['dim']}"),
+            ("in RAM", size("ram_bytes")),
+            ("on disk (lists)", size("disk_bytes") if facts["on_disk"] else "-"),
+            ("memory budget", size("max_index_memory")),
+            ("recall@10", tuned),
+            ("nprobe", str(facts.get("nprobe") or "-")),
+            ("efSearch", str(facts.get("ef_search") or "-")),
+            ("re-rank", f"x{facts['k_factor']}" if facts["k_factor"] > 1 else "-"),
+            ("queries/s", f"{facts['qps']:,.0f} (CPU)" if facts.get("qps") else "-"),
+            ("search on", where),
+            ("labels", str(facts["labels"])),
+            ("shards", str(facts["shards"])),
+        ]
+        console = Console(soft_wrap=True)
+        width = max(len(k) for k, _ in rows)
+        for key, value in rows:
+            console.print(f"{key:<{width}}  {escape(str(value))}")
 
     guarded(work)
 
