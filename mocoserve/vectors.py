@@ -142,10 +142,16 @@ def _names(index: faiss.Index) -> dict[str, int]:
     return names
 
 
-def apply_settings(index: faiss.Index, settings: SearchSettings, space=None) -> None:
-    """Set nprobe / efSearch through `faiss.ParameterSpace` (GpuParameterSpace on a GPU)."""
+def apply_settings(
+    index: faiss.Index, settings: SearchSettings, space=None, like: faiss.Index | None = None
+) -> None:
+    """Set nprobe / efSearch through `faiss.ParameterSpace` (GpuParameterSpace on a GPU).
+
+    `like`: the CPU index a GPU copy was made from (which names apply is read from it;
+    GpuParameterSpace walks replicas and shards itself).
+    """
     space = space or faiss.ParameterSpace()
-    names = _names(index)
+    names = _names(like if like is not None else index)
     if "nprobe" in names and settings.nprobe:
         space.set_index_parameter(index, "nprobe", int(settings.nprobe))
     if settings.ef_search:
@@ -846,8 +852,9 @@ class Searcher:
             options.shard = layout == "shard"
             options.useFloat16 = self.gpu_fp16
             gpu = faiss.index_cpu_to_all_gpus(base, co=options)
-            faiss.GpuParameterSpace().initialize(gpu)
-            apply_settings(gpu, self.settings, faiss.GpuParameterSpace())
+            space = faiss.GpuParameterSpace()
+            space.initialize(gpu)
+            apply_settings(gpu, self.settings, space, like=self.index)
         except (RuntimeError, AttributeError):  # no GPU version of this index (HNSW, ...)
             return
         self.gpu, self.layout, self.gpus = gpu, layout, faiss.get_num_gpus()

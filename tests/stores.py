@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +37,14 @@ def committed(index_path: Path) -> int:
     """Items committed so far, read straight from the shard files (a writer may be running)."""
     total = 0
     for db in shards_path(index_path).glob("*/items.db"):
-        # a read-write connection (reads only): after a writer was killed, its WAL needs a
-        # recovery that a read-only connection cannot do (it would miss the whole shard)
-        for _ in range(20):
+        # read-only first; after a writer was killed mid-commit its hot journal needs a
+        # recovery that only a read-write connection does. A shard locked by a live (or
+        # frozen) writer is skipped: callers poll.
+        for uri in (f"file:{db}?mode=ro", f"file:{db}"):
             try:
-                with sqlite3.connect(db, timeout=5) as conn:
+                with sqlite3.connect(uri, uri=True, timeout=1) as conn:
                     total += conn.execute("SELECT count(*) FROM items").fetchone()[0]
                 break
-            except sqlite3.OperationalError:  # the file is being made: try again
-                time.sleep(0.05)
+            except sqlite3.OperationalError:
+                continue
     return total

@@ -20,7 +20,7 @@ FOLDERS = {
 SERVING = ("mocoserve.core", "mocoserve.model", "mocoserve.decode", "mocoserve.sidecar")
 SERVING += ("mocoserve.vectors", "mocoserve.index", "mocoserve.embed", "mocoserve.knn")
 SERVING += ("mocoserve.report", "mocoserve.dbfile", "mocoserve.store", "mocoserve.writer")
-SERVING += ("mocoserve.cluster", "mocoserve.interchange")
+SERVING += ("mocoserve.cluster", "mocoserve.interchange", "mocoserve.planner")
 # What each part may import of ours, even lazily inside a function. The CLI (`cli`,
 # `commands`) and the demo (the whole pipeline) may import every part, inside commands.
 ALLOWED = {
