@@ -594,8 +594,9 @@ def tune(
     behave as held-out queries; truth is exact search over the stored vectors. nprobe
     (IVF) or efSearch (HNSW) runs through powers of two for each re-rank factor (compressed
     codes only, and only with `gather`) until the target is met or recall stops rising;
-    the setting with the most queries/s that meets the target wins (the best recall if none
-    does). Flat is exact: nothing to tune.
+    the setting with the most queries/s that meets the target, with two standard errors of
+    the measurement to spare, wins (the best recall if none does). Flat is exact: nothing
+    to tune.
     """
     import time
 
@@ -612,6 +613,9 @@ def tune(
     ivf = base_ivf(index)
     limit = ivf.nlist if ivf is not None else 4096
     factors = K_FACTORS if gather is not None and not exact_codes(index) else (1,)
+    # meet the target with two standard errors to spare, so fresh queries meet it too
+    # (1,000 queries x 10 neighbours: 0.0044 at 0.95)
+    goal = min(1.0, target + 2 * math.sqrt(target * (1 - target) / (len(q) * k)))
     tried: list[tuple[float, float, SearchSettings]] = []  # (recall, qps, settings)
     ceiling = limit
     for factor in factors:
@@ -624,14 +628,14 @@ def tune(
             qps = len(q) / max(time.perf_counter() - start, 1e-9)
             recall = recall_at(_drop_self(found, query_ids, k), truth)
             tried.append((recall, qps, settings))
-            if recall >= target:
+            if recall >= goal:
                 ceiling = value  # a larger factor is only worth it at a smaller nprobe
                 break
             if recall - last < 0.002 and value >= 8:
                 break  # the codes, not the probes, limit recall: a larger factor may help
             last, value = recall, value * 2
         apply_settings(index, SearchSettings(limit if ivf is not None else None))
-    met = [t for t in tried if t[0] >= target]
+    met = [t for t in tried if t[0] >= goal]
     recall, qps, settings = (
         max(met, key=lambda t: t[1]) if met else max(tried, key=lambda t: (t[0], t[1]))
     )

@@ -396,7 +396,7 @@ class IndexWriter:
             plan = choice.plan(n, dim, self.flat_limit)
             target = choice.recall_target or vec.RECALL_TARGET
             disk = bool(choice.on_disk) and n > 0
-            lists_path = self.path.with_name(f"{self.path.name}.lists-{version}")
+            lists_path = self._new_lists_path(version)
             current = meta.get("factory") or "Flat"
             index = load_faiss(store, self.path, current, dim, patch=False).index
             tuned_at = int(meta.get("tuned_ntotal") or 0)
@@ -472,6 +472,14 @@ class IndexWriter:
             version,
             describe_build(meta),
         )
+
+    def _new_lists_path(self, version: int) -> Path:
+        """A lists file name no file has (never the one readers map, whatever a crash left)."""
+        path, extra = self.path.with_name(f"{self.path.name}.lists-{version}"), 0
+        while path.exists():
+            extra += 1
+            path = self.path.with_name(f"{self.path.name}.lists-{version}-{extra}")
+        return path
 
     def _drop_old_lists(self, keep: str | None) -> None:
         """Delete on-disk lists files the index no longer names (readers that mapped one
