@@ -234,3 +234,44 @@ def test_on_disk_lists_answer_as_in_memory_with_less_rss_and_take_changes(tmp_pa
     assert np.array_equal(np.sort(vec.ids_of(disk)), np.sort(wanted))
     _, found = vec.Searcher(disk, vec.SearchSettings(64), "cpu").search(vectors, 1)
     assert np.array_equal(found[:, 0], probe)
+
+
+def test_a_reader_of_on_disk_lists_that_lags_the_store_hides_and_adds(tmp_path):
+    """Between a writer's commits and its build, a reader never edits the mapped lists: the
+    removed ids are hidden, the new ones searched beside them; the build then patches."""
+    import mocoserve.index
+    from mocoserve.sidecar import NewItem
+    from mocoserve.store import Catalog, sidecar_path
+    from mocoserve.writer import IndexWriter
+
+    index, n, dim = tmp_path / "lag.faiss", 6000, 32
+    catalog = Catalog(sidecar_path(index))
+    catalog.set_meta({"format_version": "2", "dim": str(dim), "shards": "2"})
+    catalog.set_meta({"store_dtype": "float32", "factory": "Flat"})
+    catalog.set_meta(planner.IndexChoice("auto", 1 << 20, 0.95, True).to_meta())
+    catalog.close()
+    x = vec.normalize(np.random.default_rng(3).normal(size=(n + 100, dim)))
+
+    def items(rows):
+        return [NewItem(f"/v/{i:05d}", None, "0", 1, 1, 1, 1, x[i]) for i in rows]
+
+    with IndexWriter(index) as w:
+        w.own(range(2))
+        w.commit(items(range(n)), [])
+        assert "of lists on disk" in w.build().summary
+        w.remove_paths([f"/v/{i:05d}" for i in range(0, 100)])
+        w.commit(items(range(n, n + 100)), [])  # committed, not built
+        lists = sorted(p.name for p in tmp_path.glob("lag.faiss.lists-*"))
+        reader = mocoserve.index.open(index, readonly=True)
+        assert reader.repaired and vec.on_disk(reader.index)
+        hits = reader.search_vectors(x[:100], k=1)
+        assert all(not row or row[0].path != f"/v/{i:05d}" for i, row in enumerate(hits))
+        found = reader.search_vectors(x[n : n + 100], k=1)
+        assert [row[0].path for row in found] == [f"/v/{i:05d}" for i in range(n, n + 100)]
+        assert sorted(p.name for p in tmp_path.glob("lag.faiss.lists-*")) == lists  # untouched
+        w.build()
+    reader.close()
+    after = mocoserve.index.open(index, readonly=True)
+    assert not after.repaired and after.index.ntotal == n
+    found = after.search_vectors(x[n : n + 100], k=1)
+    assert [row[0].path for row in found] == [f"/v/{i:05d}" for i in range(n, n + 100)]
