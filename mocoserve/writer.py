@@ -450,7 +450,7 @@ class IndexWriter:
                 "on_disk_built": "true" if kept else "false",
                 "ram_bytes": str(ram),
                 "disk_bytes": str(lists_bytes),
-                "gpu_fp16": "true" if exact and store_is_fp16(meta) else "false",
+                "gpu_fp16": "true" if exact and fp16_keeps_target(meta, tuned, target) else "false",
                 "index_ntotal": str(index.ntotal),
                 "version": str(version),
                 "built_at": repr(time.time()),
@@ -491,9 +491,17 @@ class IndexWriter:
             piece.unlink(missing_ok=True)
 
 
-def store_is_fp16(meta: dict[str, str]) -> bool:
-    """A float16 store means fp16 vectors already keep the recall the index was tuned at."""
-    return meta.get("store_dtype") == "float16"
+FP16_RECALL_COST = 0.001  # recall@10 lost by rounding unit vectors to float16 (measured:
+# a float16 store keeps 0.9997 of float32's neighbours, docs/benchmarks.md)
+
+
+def fp16_keeps_target(meta: dict[str, str], tuned: dict[str, str], target: float) -> bool:
+    """Whether GPU copies may store float16 (half the GPU memory) for an exact-code index:
+    the store is float16 already, or the tuned recall has room for fp16's rounding."""
+    if meta.get("store_dtype") == "float16":
+        return True
+    recall = tuned.get("recall_at_10", meta.get("recall_at_10"))
+    return not recall or float(recall) >= target + FP16_RECALL_COST
 
 
 def build_facts(meta: dict[str, str]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from mocoserve.decode import decode_file
 from mocoserve.embed import embed_folders
 from mocoserve.model import resize_crop
 from mocoserve.sidecar import NewItem, Sidecar
+from mocoserve.store import open_store
 from tests.imagegen import class_image, exif_upright, make_awkward_files, make_labelled
 from tests.stores import committed, failures, rows
 
@@ -354,6 +355,9 @@ def test_budget_target_and_on_disk_are_remembered_and_reported(folder, tmp_path,
     back = runner.invoke(app, ["index", "build", str(index), "--in-memory"])
     assert back.exit_code == 0, back.output
     assert not list(tmp_path.glob("out.faiss.lists-*"))
+    store = open_store(index)
+    assert store.get_meta("gpu_fp16") == "true"  # exact codes, recall with room for fp16
+    store.close()
     assert not json.loads(runner.invoke(app, ["index", "info", str(index), "--json"]).stdout)[
         "on_disk"
     ]
