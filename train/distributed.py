@@ -6,12 +6,10 @@ group, `rank()` is 0, `world_size()` is 1 and the gathers return their input.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import gc
 import inspect
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -88,20 +86,6 @@ def teardown() -> None:
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
-
-
-def exit_worker(code: int = 0) -> None:
-    """End a torchrun worker now that its work is saved and printed: flush, then `os._exit`.
-
-    gloo's C++ threads can outlive the process group; the interpreter's normal shutdown
-    then destroys them while joinable, which aborts the process (SIGABRT, "terminate called
-    without an active exception") after an otherwise successful run, and torchrun reports
-    the whole job failed. Skipping the C++ static destructors avoids that race.
-    """
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
-    os._exit(code)
 
 
 def barrier() -> None:

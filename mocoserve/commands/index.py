@@ -198,6 +198,10 @@ def embed(
         return 1 if strict and summary.failures else 0
 
     code = guarded(work)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank, done: see exit_worker
+        from mocoserve.core.processes import exit_worker
+
+        exit_worker(code or 0)
     if code:
         raise typer.Exit(code)
 

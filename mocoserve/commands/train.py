@@ -79,7 +79,9 @@ def _fit(
                 f"done: {result.epoch} epochs, {result.step} steps; checkpoint: {result.checkpoint}"
             )
     if distributed.launched_by_torchrun():
-        distributed.exit_worker(0)
+        from mocoserve.core.processes import exit_worker
+
+        exit_worker(0)
 
 
 @app.command()
