@@ -136,7 +136,8 @@ class Loaded:
     extra: tuple[np.ndarray, np.ndarray] | None = None
 
 
-EXTRA_LIMIT = 1_000_000  # a lagging on-disk reader holds at most this many new vectors
+EXTRA_LIMIT = 1_000_000  # a lagging on-disk reader holds at most this many new vectors (a
+# large embed in progress: the rest wait for its build; removed ids are always hidden)
 
 
 def load_faiss(store: Store, path: Path, factory: str, dim: int, patch: bool = True) -> Loaded:
@@ -156,11 +157,7 @@ def load_faiss(store: Store, path: Path, factory: str, dim: int, patch: bool = T
         return Loaded(index)
     stale, missing = vec.diff_ids(index, store.ids())
     extra = None
-    if len(missing):
-        if len(missing) > EXTRA_LIMIT:
-            raise UserError(
-                f"{path} lags its store by {len(missing):,} vectors; run mocoserve index build"
-            )
+    if 0 < len(missing) <= EXTRA_LIMIT:  # more: searchable from the writer's next build
         vectors, found = store.gather(missing)
         extra = (missing[found], vectors[found])
     return Loaded(index, bool(len(stale) or len(missing)), stale, extra)
@@ -398,16 +395,10 @@ class ImageIndex:
     def vectors_of(self, ids: Sequence[int]) -> np.ndarray:
         """The stored vectors of these ids, in the order given; an unknown id is a UserError."""
         wanted = np.asarray(ids, dtype=np.int64).reshape(-1)
-        found: dict[int, np.ndarray] = {}
-        if len(wanted) and wanted.min() >= 0:
-            for block_ids, block in self.store.vectors(np.unique(wanted)):
-                found.update(zip(block_ids.tolist(), block, strict=True))
-        missing = [int(i) for i in wanted if int(i) not in found]
-        if missing:
-            raise UserError(f"no item with id {missing[0]} in {self.path}")
-        if len(wanted) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return np.stack([found[int(i)] for i in wanted]).astype(np.float32, copy=False)
+        vectors, found = self.store.gather(wanted)
+        if not found.all():
+            raise UserError(f"no item with id {int(wanted[~found][0])} in {self.path}")
+        return vectors
 
     def search_ids(
         self, ids: Sequence[int], k: int = 10, label: str | None = None

@@ -160,11 +160,6 @@ def apply_settings(
                 space.set_index_parameter(index, name, int(settings.ef_search))
 
 
-def set_search_params(index: faiss.Index, nprobe: int | None, ef_search: int | None = None) -> None:
-    """Apply nprobe (IVF) and efSearch (HNSW) to a CPU index."""
-    apply_settings(index, SearchSettings(nprobe, ef_search))
-
-
 def search_params(
     index: faiss.Index, settings: SearchSettings, selector: faiss.IDSelector | None
 ) -> faiss.SearchParameters | None:
@@ -607,7 +602,10 @@ def tune(
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(stored), size=min(queries, len(stored)), replace=False))
     query_ids = stored[pick]
-    q = _gather(blocks, query_ids)
+    if gather is not None:  # random reads, not a pass over every block
+        q, _ = gather(query_ids)
+    else:
+        q = _gather(blocks, query_ids)
     _, truth = exact_knn(q, blocks, k + 1)
     truth = _drop_self(truth, query_ids, k)
     ivf = base_ivf(index)
@@ -634,7 +632,6 @@ def tune(
             if recall - last < 0.002 and value >= 8:
                 break  # the codes, not the probes, limit recall: a larger factor may help
             last, value = recall, value * 2
-        apply_settings(index, SearchSettings(limit if ivf is not None else None))
     met = [t for t in tried if t[0] >= goal]
     recall, qps, settings = (
         max(met, key=lambda t: t[1]) if met else max(tried, key=lambda t: (t[0], t[1]))
@@ -647,14 +644,6 @@ def _settings_for(names: dict[str, int], value: int, factor: int) -> SearchSetti
         ef = max(64, 2 * value) if "quantizer_efSearch" in names else None
         return SearchSettings(value, ef, factor)
     return SearchSettings(None, value, factor)
-
-
-def tune_nprobe(
-    index: faiss.Index, blocks: Blocks, n: int, queries: int, seed: int, k: int = 10
-) -> tuple[int, float]:
-    """The smallest power-of-two nprobe reaching RECALL_TARGET (no re-ranking), its recall."""
-    settings, recall, _ = tune(index, blocks, n, RECALL_TARGET, None, queries, seed, k)
-    return int(settings.nprobe or 1), float(recall or 0.0)
 
 
 def _gather(blocks: Blocks, wanted: np.ndarray) -> np.ndarray:
@@ -806,15 +795,14 @@ class Searcher:
     def __init__(
         self,
         index: faiss.Index,
-        settings: SearchSettings | int | None = None,
+        settings: SearchSettings | None = None,
         device: str = "auto",
         gather: Gather | None = None,
         hidden: np.ndarray | None = None,
         extra: tuple[np.ndarray, np.ndarray] | None = None,
         gpu_fp16: bool = False,
     ):
-        if not isinstance(settings, SearchSettings):
-            settings = SearchSettings(settings)
+        settings = settings or SearchSettings()
         self.index = index
         self.settings = settings
         # compressed codes: candidates re-ranked (and scored) with the stored vectors

@@ -236,7 +236,7 @@ def test_on_disk_lists_answer_as_in_memory_with_less_rss_and_take_changes(tmp_pa
     assert np.array_equal(found[:, 0], probe)
 
 
-def test_a_reader_of_on_disk_lists_that_lags_the_store_hides_and_adds(tmp_path):
+def test_a_reader_of_on_disk_lists_that_lags_the_store_hides_and_adds(tmp_path, monkeypatch):
     """Between a writer's commits and its build, a reader never edits the mapped lists: the
     removed ids are hidden, the new ones searched beside them; the build then patches."""
     import mocoserve.index
@@ -269,6 +269,15 @@ def test_a_reader_of_on_disk_lists_that_lags_the_store_hides_and_adds(tmp_path):
         found = reader.search_vectors(x[n : n + 100], k=1)
         assert [row[0].path for row in found] == [f"/v/{i:05d}" for i in range(n, n + 100)]
         assert sorted(p.name for p in tmp_path.glob("lag.faiss.lists-*")) == lists  # untouched
+        # more new vectors than a reader holds beside the lists: they wait for the build,
+        # and the reader still opens and searches (removed ids still hidden)
+        monkeypatch.setattr(mocoserve.index, "EXTRA_LIMIT", 50)
+        limited = mocoserve.index.open(index, readonly=True)
+        hits = limited.search_vectors(x[:100], k=1)
+        assert all(not row or row[0].path != f"/v/{i:05d}" for i, row in enumerate(hits))
+        new = {f"/v/{i:05d}" for i in range(n, n + 100)}
+        assert not {row[0].path for row in limited.search_vectors(x[n : n + 100], k=1)} & new
+        limited.close()
         w.build()
     reader.close()
     after = mocoserve.index.open(index, readonly=True)

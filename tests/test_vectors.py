@@ -91,7 +91,7 @@ def test_sync_refills_bases_that_do_not_renumber(factory):
     index = vec.new_index(factory, 32)
     index.train(x)
     index.add_with_ids(x, ids)
-    vec.set_search_params(index, 8)
+    vec.apply_settings(index, vec.SearchSettings(nprobe=8))
     keep = np.setdiff1d(ids, ids[::7])
 
     def vectors_for(wanted):
@@ -138,7 +138,7 @@ def test_ivf_is_trained_by_kmeans_into_its_quantizer():
     assert index.is_trained and vec.base_ivf(index).quantizer.ntotal == 64
     ids = np.arange(n, dtype=np.int64)
     index.add_with_ids(x, ids)
-    vec.set_search_params(index, 8)
+    vec.apply_settings(index, vec.SearchSettings(nprobe=8))
     _, found = index.search(x[:200], 1)
     assert np.array_equal(found[:, 0], ids[:200])
     _, truth = vec.exact_knn(x[:200], blocks_of(ids, x), 10)
