@@ -25,6 +25,7 @@ from mocoserve.app.search import MAX_K, Searcher, SearchError, check_k
 from mocoserve.app.ui import ANY_LABEL, build_app, launch_options
 from mocoserve.embed import embed_folders
 from tests.imagegen import class_image, make_labelled
+from tests.procs import default_sigint
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", ROOT / "test-artifacts"))
@@ -396,7 +397,14 @@ def test_the_app_command_with_auth_on_loopback(indexed, images, tmp_path):
     env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
     cmd = [sys.executable, "-m", "mocoserve", "app", "--index", str(indexed)]
     cmd += ["--port", str(port), "--auth", "alice:s3cret"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=default_sigint,  # it is stopped with Ctrl-C
+    )
     try:
         deadline = time.time() + 120
         while listening_address(port) is None:

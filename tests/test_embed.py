@@ -23,6 +23,7 @@ from mocoserve.model import resize_crop
 from mocoserve.sidecar import NewItem, Sidecar
 from mocoserve.store import open_store
 from tests.imagegen import class_image, exif_upright, make_awkward_files, make_labelled
+from tests.procs import default_sigint
 from tests.stores import committed, failures, rows
 
 runner = CliRunner()
@@ -226,7 +227,13 @@ def test_killed_run_resumes_to_the_same_index(tmp_path, model_dir, sig):
     cmd = [sys.executable, "-m", "mocoserve", "embed", str(folder), "--index", str(killed)]
     # batches of one: a few seconds of work, committed item by item
     cmd += ["--model", str(model_dir), "--batch-size", "1", "--workers", "1", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,
+    )
     done = signal_part_way(proc, killed, sig, at_least=40)
     _, stderr = proc.communicate(timeout=60)
     assert 40 <= done < 600, "the run should be stopped part way"

@@ -26,6 +26,7 @@ from mocoserve.model import load
 from mocoserve.train import checkpoint
 from tests.imagegen import class_image, make_flat, make_labelled
 from tests.models import make_checkpoint
+from tests.procs import default_sigint
 from tests.stores import committed
 
 TINY = ["--arch", "resnet18", "--image-size", "32", "--dim", "8", "-b", "4", "-K", "8", "-q"]
@@ -135,6 +136,7 @@ def _train_until_running(flat_dir: Path, out: Path, extra: list[str]) -> subproc
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=default_sigint,
     )
     wait_for(out / "metrics.jsonl", proc)
     return proc
@@ -160,12 +162,26 @@ def test_06_ctrl_c_and_sigusr1_save_a_checkpoint_and_say_how_to_resume(flat_dir,
 def test_06_a_second_ctrl_c_stops_at_once():
     from mocoserve.train.trainer import PreemptionFlag
 
-    with PreemptionFlag() as flag:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert flag.raised == "SIGINT"  # the first: save, then stop
-        with pytest.raises(KeyboardInterrupt):  # the second: at once
+    # the suite may run with SIGINT ignored (a background job): set what this test relies on
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with PreemptionFlag() as flag:
             os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert flag.raised == "SIGINT"  # the first: save, then stop
+            with pytest.raises(KeyboardInterrupt):  # the second: at once
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, before)
+    # an ignored Ctrl-C (a background job, nohup) stays ignored, as Unix programs do
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with PreemptionFlag():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_07_files_follow_the_umask(flat_dir, tmp_path, model_dir):

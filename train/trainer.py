@@ -132,6 +132,8 @@ class PreemptionFlag:
     def __enter__(self) -> PreemptionFlag:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+                if sig == signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN:
+                    continue  # started with Ctrl-C ignored (a background job): keep it so
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
