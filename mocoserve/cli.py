@@ -14,9 +14,11 @@ from mocoserve.commands import index as index_commands
 from mocoserve.commands import knn as knn_commands
 from mocoserve.commands import serve as serve_commands
 from mocoserve.commands import train as train_commands
+from mocoserve.commands.options import Group, click_help
 
 app = typer.Typer(
     name="mocoserve",
+    cls=Group,
     help="Image embeddings from pretraining to serving.",
     no_args_is_help=True,
     add_completion=False,
@@ -30,6 +32,7 @@ app.add_typer(knn_commands.app)
 app.add_typer(app_commands.app)
 app.add_typer(serve_commands.app)
 app.add_typer(demo_commands.app)
+click_help(app)  # after every add_typer: one help style for every command
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import sqlite3
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,9 @@ class DbFile:
         new = not self.path.exists()
         try:
             self.db = sqlite3.connect(uri, uri=True, timeout=60, check_same_thread=False)
+            # closed also when this object is dropped unclosed (a reloaded index): the
+            # connection's statement cache is a reference cycle, freed only by the collector
+            weakref.finalize(self, self.db.close)
             if readonly:
                 self.db.execute("PRAGMA query_only=1")
             else:
@@ -97,8 +101,15 @@ def format_version(path: str | Path) -> int | None:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
         try:
             row = db.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()
+            # format 1 recorded no version, but had its items: without them the file is a
+            # damaged catalog (migrating it would discard the shards beside it)
+            items = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'items'"
+            ).fetchone()
         finally:
             db.close()
     except sqlite3.DatabaseError:
         return None
-    return int(row[0]) if row else 1
+    if row:
+        return int(row[0])
+    return 1 if items else None

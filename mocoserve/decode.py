@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -20,13 +21,22 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from mocoserve.core.images import decode_image
+from mocoserve.core.images import TooManyPixels, decode_image, header_pixels
 from mocoserve.model import resize_crop
 
 # JPEG draft decoding (DCT-domain downscaling) only down to 4x the resize target: the
 # antialiased resize from there matches a full decode (cosine >= 0.9999 to the training-time
 # eval transform, tests/test_service.py), while a 12-MP photo still decodes 2-4x faster.
 DRAFT_HEADROOM = 4
+# Pixels one image may have (its header's width x height), refused before decoding: room for
+# 48- and 50-MP phone photos. Decoding allocates 4 bytes a pixel (Pillow keeps RGB as RGBX),
+# so this bounds one RGB decode at ~256 MB (alpha adds copies); the model reads resize^2.
+MAX_IMAGE_PIXELS = 64_000_000
+# Pillow warns above its own guard (core/images.py), above the limits serve and embed use:
+# such an image is refused with our reason, and the warning would only repeat it.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# Failures a decode of bad bytes raises (DecompressionBombError is Pillow's own limit).
+_BAD_IMAGE = (Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError, MemoryError)
 
 
 @dataclass
@@ -44,7 +54,17 @@ class Decoded:
     code: str | None = None  # the error as a word: empty, not_an_image, too_many_pixels, ...
 
 
-def decode_file(path: str, resize: int, crop: int) -> Decoded:
+@dataclass(frozen=True)
+class Header:
+    """What an image's header says, before any pixel is decoded (or why it will not decode)."""
+
+    pixels: int = 0  # width x height as stored
+    cost: int = 0  # pixels the decode allocates: fewer for a JPEG decoded in draft mode
+    error: str | None = None
+    code: str | None = None
+
+
+def decode_file(path: str, resize: int, crop: int, max_pixels: int = MAX_IMAGE_PIXELS) -> Decoded:
     """Read, hash and decode one file; never raises for a bad file."""
     try:
         st = os.stat(path)
@@ -52,28 +72,55 @@ def decode_file(path: str, resize: int, crop: int) -> Decoded:
             data = f.read()
     except OSError as e:
         return Decoded(path, 0, 0, error=f"cannot read: {e.strerror or e}", code="unreadable")
-    return decode_bytes(data, resize, crop, path, st.st_mtime_ns)
+    return decode_bytes(data, resize, crop, path, st.st_mtime_ns, max_pixels)
 
 
-def decode_bytes(data: bytes, resize: int, crop: int, path: str = "", mtime: int = 0) -> Decoded:
-    """Hash and decode an image's bytes (a file's, an upload's); never raises for bad bytes."""
+def read_header(data: bytes, resize: int, max_pixels: int = MAX_IMAGE_PIXELS) -> Header:
+    """The pixels of an image's bytes and what decoding them costs, from the header only."""
+    if not data:
+        return Header(error="empty file (0 bytes)", code="empty")
+    try:
+        pixels, cost = header_pixels(io.BytesIO(data), resize * DRAFT_HEADROOM, max_pixels)
+    except _BAD_IMAGE as e:
+        error, code = _reason(e)
+        return Header(error=error, code=code)
+    return Header(pixels, cost)
+
+
+def decode_bytes(
+    data: bytes,
+    resize: int,
+    crop: int,
+    path: str = "",
+    mtime: int = 0,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> Decoded:
+    """Hash and decode an image's bytes (a file's, an upload's); never raises for bad bytes.
+
+    An image over `max_pixels` is refused from its header (code too_many_pixels).
+    """
     item = Decoded(path, len(data), mtime, hashlib.sha256(data).hexdigest())
     if not data:
         item.error, item.code = "empty file (0 bytes)", "empty"
         return item
     try:
         draft = resize * DRAFT_HEADROOM
-        image, (item.width, item.height) = decode_image(io.BytesIO(data), draft_size=draft)
+        image, (item.width, item.height) = decode_image(io.BytesIO(data), draft, max_pixels)
         item.pixels = np.asarray(resize_crop(image, resize, crop), dtype=np.uint8)
-    except Image.DecompressionBombError as e:
-        item.error = f"too many pixels (decompression-bomb limit): {e}"
-        item.code = "too_many_pixels"
-    except Image.UnidentifiedImageError:
-        item.error, item.code = "not an image (PIL cannot identify the file)", "not_an_image"
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
-        item.error = f"cannot decode: {type(e).__name__}: {e}"
-        item.code = "undecodable"
+    except _BAD_IMAGE as e:
+        item.error, item.code = _reason(e)
     return item
+
+
+def _reason(e: BaseException) -> tuple[str, str]:
+    """A failed decode's (error, code)."""
+    if isinstance(e, TooManyPixels):
+        return f"too many pixels: {e}", "too_many_pixels"
+    if isinstance(e, Image.DecompressionBombError):
+        return f"too many pixels (decompression-bomb limit): {e}", "too_many_pixels"
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "not an image (PIL cannot identify the file)", "not_an_image"
+    return f"cannot decode: {type(e).__name__}: {e}", "undecodable"
 
 
 def _decode_chunk(paths: Sequence[str], resize: int, crop: int) -> list[Decoded]:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from mocoserve.cluster import Group
 from mocoserve.core.errors import RunError, UserError
+from mocoserve.core.files import path_text
 from mocoserve.core.images import iter_image_files
 from mocoserve.decode import default_workers
 from mocoserve.model import load
@@ -51,7 +52,8 @@ class EmbedSummary:
     skipped: int = 0
     failed: int = 0
     removed: int = 0
-    relabelled: int = 0
+    relabelled: int = 0  # kept items whose folder label changed to another label
+    unlabelled: int = 0  # ... and those that lost theirs (embedded from below their folder)
     total: int = 0
     labelled: int = 0
     seconds: float = 0.0
@@ -103,7 +105,9 @@ def scan(
             label = None
             if labels_from_folders and root.is_dir():
                 parts = Path(file).relative_to(root).parts
-                label = parts[0] if len(parts) > 1 else None  # ImageFolder: top-level folder
+                # ImageFolder: the top-level folder; its name as text (a label is TEXT in
+                # SQLite and a string in JSON: bytes that are not UTF-8 as \xNN)
+                label = path_text(parts[0]) if len(parts) > 1 else None
             try:
                 st = os.stat(path)
             except OSError:
@@ -168,6 +172,10 @@ def embed_folders(
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if not roots:
         raise UserError("give at least one image folder")
+    # before any file of the index is made: a mistyped folder leaves no empty index behind
+    for root in roots:
+        if not Path(root).exists():
+            raise UserError(f"{root} does not exist")
     started = time.perf_counter()
     index_path = Path(index_path)
     budget = parse_size(max_index_memory) if isinstance(max_index_memory, str) else max_index_memory
@@ -205,6 +213,7 @@ def embed_folders(
                 writer.prepare(encoder, count, store_dtype, choice, labels_from_folders)
                 summary.notes += writer.notes
                 if shard is not None:  # a --shard task holds the lock only to prepare
+                    writer.own([shard[0]])  # made and listed in the catalog under the lock
                     writer.close()
                     writer = None
             except UserError as e:
@@ -272,10 +281,11 @@ def _embed_shards(
     todo: list[FoundFile] = []
     for s in mine:
         here = [f for f in files if shard_of(f.path, n) == s]
-        part_todo, skipped, removed, relabelled = writer.diff(s, here, abs_roots)
+        part_todo, skipped, removed, relabel = writer.diff(s, here, abs_roots)
         todo += part_todo
         summary.shards.append(ShardSummary(s, skipped=skipped, removed=removed))
-        summary.relabelled += relabelled
+        summary.unlabelled += sum(1 for label, _ in relabel if label is None)
+        summary.relabelled += sum(1 for label, _ in relabel if label is not None)
     summary.skipped = sum(p.skipped for p in summary.shards)
     summary.removed = sum(p.removed for p in summary.shards)
     if on_start is not None:
@@ -308,7 +318,7 @@ def _embed_shards(
 
 def _combine(summary: EmbedSummary, parts: list[dict]) -> None:
     """Rank 0's view of the whole run: every rank's counts, shards, rates and failures."""
-    for key in ("embedded", "skipped", "failed", "removed", "relabelled"):
+    for key in ("embedded", "skipped", "failed", "removed", "relabelled", "unlabelled"):
         setattr(summary, key, sum(p[key] for p in parts))
     summary.shards = sorted(
         (ShardSummary(**{**s, "rank": r}) for r, p in enumerate(parts) for s in p["shards"]),

@@ -208,18 +208,23 @@ class ImageIndex:
 
     def _load(self) -> None:
         store = self.store
-        self.dim = int(store.get_meta("dim") or 0)
+        # the catalog as loaded (a writer updates it in place): the version an answer
+        # names, and every fact, are those of the index that answers
+        self._meta = store.meta()
+        if isinstance(store, ShardedStore):
+            store.hold()  # its files and rows, before the FAISS file (which they patch)
+        self.dim = int(self._meta.get("dim") or 0)
         self._len = len(store)
-        self.settings = vec.SearchSettings.from_meta(store.meta())
+        self.settings = vec.SearchSettings.from_meta(self._meta)
         loaded = load_faiss(store, self.path, self.factory, self.dim)
         self.index, self.repaired = loaded.index, loaded.repaired
         if self.index is None and self.dim:
-            if store.get_meta("on_disk_built") == "true":
+            if self._meta.get("on_disk_built") == "true":
                 raise UserError(
                     f"{self.path} keeps its lists on disk and its file is missing or damaged; "
                     "run mocoserve index build"
                 )
-            target = float(store.get_meta("tuned_target") or vec.RECALL_TARGET)
+            target = float(self._meta.get("tuned_target") or vec.RECALL_TARGET)
             built = build_faiss(store, self.factory, target)  # in memory: never written
             self.index, self.settings = built.index, built.settings
         self._hidden, self._extra = loaded.hidden, loaded.extra
@@ -234,12 +239,12 @@ class ImageIndex:
 
     @property
     def factory(self) -> str:
-        return self.store.get_meta("factory") or "Flat"
+        return self._meta.get("factory") or "Flat"
 
     @property
     def version(self) -> int:
-        """How many times the index file has been saved (0 before the first save)."""
-        return int(self.store.get_meta("version") or 0)
+        """How many times the index file had been saved when this was loaded (0: never)."""
+        return int(self._meta.get("version") or 0)
 
     @property
     def format(self) -> int:
@@ -261,7 +266,7 @@ class ImageIndex:
                 gather=self.store.gather,
                 hidden=self._hidden,
                 extra=self._extra,
-                gpu_fp16=self.store.get_meta("gpu_fp16") == "true",
+                gpu_fp16=self._meta.get("gpu_fp16") == "true",
             )
         return self._searcher
 
@@ -301,8 +306,8 @@ class ImageIndex:
         return self.store.labels()
 
     def info(self) -> dict[str, Any]:
-        """Facts for headers and reports."""
-        meta = self.store.meta()
+        """Facts for headers and reports (of the index as loaded)."""
+        meta = self._meta
         return {
             "index": str(self.path),
             "items": len(self),
@@ -332,22 +337,26 @@ class ImageIndex:
             raise UserError(f"k must be at least 1, got {k}")
         if len(self) == 0 or self.index is None:
             return [[] for _ in queries]
-        if label is None:
-            scores, ids = self.searcher.search(queries, k)
-        else:
-            scores, ids = self._search_label(queries, k, label)
-        items = self.store.items(np.unique(ids[ids >= 0]))
-        return [
-            [
-                Hit(int(i), float(s), **_item_fields(items[int(i)]))
-                for s, i in zip(row_s, row_i, strict=True)
-                if i >= 0 and int(i) in items
-            ]
-            for row_s, row_i in zip(scores, ids, strict=True)
-        ]
-
-    def _search_label(self, queries: np.ndarray, k: int, label: str):
-        return self.searcher.search(queries, k, allowed=self.store.ids_with_label(label))
+        allowed = None if label is None else self.store.ids_with_label(label)
+        hits: list[list[Hit]] = [[] for _ in queries]
+        rows = np.arange(len(queries))
+        while len(rows):
+            scores, ids = self.searcher.search(queries[rows], k, allowed)
+            items = self.store.items(np.unique(ids[ids >= 0]))
+            for row, row_s, row_i in zip(rows, scores, ids, strict=True):
+                hits[row] = [
+                    Hit(int(i), float(s), **_item_fields(items[int(i)]))
+                    for s, i in zip(row_s, row_i, strict=True)
+                    if i >= 0 and int(i) in items
+                ]
+            gone = np.setdiff1d(ids[ids >= 0], np.fromiter(items, np.int64, len(items)))
+            if not len(gone):
+                break
+            # removed since this index was loaded (a writer between its commits and its
+            # build): searched past from now on, and the queries they left short again
+            self.searcher.hide(gone)
+            rows = np.asarray([r for r in rows if len(hits[r]) < k], dtype=np.int64)
+        return hits
 
     def embed_images(self, images: Sequence[str | Path | Image.Image]) -> np.ndarray:
         """Embed query images (paths or PIL images); a bad file is a UserError."""
@@ -396,6 +405,7 @@ class ImageIndex:
         """The stored vectors of these ids, in the order given; an unknown id is a UserError."""
         wanted = np.asarray(ids, dtype=np.int64).reshape(-1)
         vectors, found = self.store.gather(wanted)
+        found &= np.isin(wanted, list(self.store.items(wanted)))  # not removed since loaded
         if not found.all():
             raise UserError(f"no item with id {int(wanted[~found][0])} in {self.path}")
         return vectors
@@ -471,6 +481,15 @@ def _item_fields(item: Item) -> dict[str, Any]:
     }
 
 
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode): a file put in place of another (a new index) has another."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 def open(
     path: str | Path,
     model: str | Path | None = None,
@@ -490,6 +509,7 @@ def open(
         if path.is_file():
             raise UserError(f"{db} is missing; an index needs its catalog (rebuild with embed)")
         raise UserError(f"{path} is not an index (no {db.name}); make one with mocoserve embed")
+    catalog = _file_id(db)
     store = open_store(path)
     try:
         stored_model = store.get_meta("model_path")
@@ -506,7 +526,10 @@ def open(
                     f"{path} was built with a different model than {model}; "
                     "embed into a new --index or use the model it was built with"
                 )
-        return ImageIndex(path, store, model_dir, device, backend, readonly)
+        index = ImageIndex(path, store, model_dir, device, backend, readonly)
+        if _file_id(db) != catalog:  # the FAISS file read may be the new index's
+            raise UserError(f"{path} was replaced while it was opened; open it again")
+        return index
     except BaseException:
         store.close()
         raise

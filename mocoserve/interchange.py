@@ -6,6 +6,9 @@
 or, with `fmt="parquet"`, `DIR/img_emb/img_emb_0000.parquet` holding an `embedding` column
 beside the same metadata columns (autofaiss: `--file_format parquet`). Files hold at most
 `rows_per_file` rows; the export streams block by block, so memory stays bounded.
+
+`image_path` is text (what clip-retrieval reads), a name's bytes that are not UTF-8 as
+the text \\xNN; `image_path_bytes` holds every name's exact bytes.
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ from typing import Any
 import numpy as np
 
 from mocoserve.core.errors import UserError
-from mocoserve.core.files import fsync_dir, public_mode
+from mocoserve.core.files import fsync_dir, path_text, public_mode
 from mocoserve.store import open_store
 
 ROWS_PER_FILE = 1_000_000
-COLUMNS = ("image_path", "id", "label", "sha256", "bytes", "width", "height")
+COLUMNS = ("image_path", "image_path_bytes", "id", "label", "sha256", "bytes", "width", "height")
 
 
 def _pyarrow() -> Any:
@@ -51,9 +54,13 @@ def export_index(
     pa = _pyarrow()
     to.parent.mkdir(parents=True, exist_ok=True)
     lock = acquire_lock(index_path)  # nothing changes while it is read
+    try:
+        store = open_store(index_path)  # a damaged index is refused before any file is made
+    except BaseException:
+        os.close(lock)
+        raise
     staging = Path(tempfile.mkdtemp(prefix=f".{to.name}.", dir=to.parent))
     os.chmod(staging, public_mode(directory=True))
-    store = open_store(index_path)
     try:
         total, dim = len(store), int(store.get_meta("dim") or 0)
         (staging / "img_emb").mkdir()
@@ -101,7 +108,8 @@ def _write(store, out: Path, fmt: str, total: int, dim: int, per_file: int, pa) 
             rows = [items[int(i)] for i in block_ids]
             table = pa.table(
                 {
-                    "image_path": [os.fsencode(r.path).decode("utf-8", "replace") for r in rows],
+                    "image_path": [path_text(r.path) for r in rows],
+                    "image_path_bytes": pa.array([os.fsencode(r.path) for r in rows], pa.binary()),
                     "id": pa.array([r.id for r in rows], pa.int64()),
                     "label": [r.label for r in rows],
                     "sha256": [r.sha256 for r in rows],

@@ -35,6 +35,7 @@ HNSW_QUANTIZER_NLIST = 65_536  # from here on, the coarse quantizer is an HNSW g
 ID_BYTES = 8
 GPU_PQ_SIZES = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)  # GpuIndexIVFPQ
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+MAX_BUDGET = 2**50  # 1 PiB: far above any real budget, far below int64 and inf
 
 
 def parse_size(text: str) -> int:
@@ -42,7 +43,10 @@ def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
     if not match:
         raise UserError(f"--max-index-memory takes a size like 256M or 4G, got {text!r}")
-    size = int(float(match[1]) * _UNITS[match[2].upper()])
+    size = float(match[1]) * _UNITS[match[2].upper()]
+    if not size <= MAX_BUDGET:  # 400 digits are a float inf, which int() cannot take
+        raise UserError(f"--max-index-memory must be at most 1024T, got {text!r}")
+    size = int(size)
     if size < 1 << 20:
         raise UserError(f"--max-index-memory must be at least 1M, got {text!r}")
     return size

@@ -100,7 +100,11 @@ def run_knn(
         raise UserError("give --train (a labelled folder) or --train-index (an index with labels)")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the report")
-    out.mkdir(parents=True, exist_ok=True)
+    # the folders are checked here and --out is made only when there is something to write
+    # in it (the cache of embeddings, the report): a refused run leaves no empty folder
+    for option, folder in (("--train", None if train_index else train), ("--val", val)):
+        if folder is not None and not folder.is_dir():
+            raise UserError(f"{option} {folder} is not a folder")
     started = time.perf_counter()
 
     if train_index is not None:
@@ -118,10 +122,10 @@ def run_knn(
         raise UserError(f"--model {model} is not a model package folder (no manifest.json)")
     fingerprint = model_fingerprint(model)
     cache = out / "index"
-    cache.mkdir(exist_ok=True)
     embedded = {"train": 0, "val": 0}  # what this run had to embed (the cache holds the rest)
     if train_index is None:
         train_index = cache / f"train-{fingerprint[:12]}.faiss"
+        cache.mkdir(parents=True, exist_ok=True)
         done = embed_folders([train], model, train_index, batch_size, workers, "flat", True, device)
         embedded["train"] = done.embedded
         train_set = read_labelled(train_index, train)
@@ -129,6 +133,7 @@ def run_knn(
         val_set, val_index = train_set, train_index
     else:
         val_index = cache / f"val-{fingerprint[:12]}.faiss"
+        cache.mkdir(parents=True, exist_ok=True)
         done = embed_folders([val], model, val_index, batch_size, workers, "flat", True, device)
         embedded["val"] = done.embedded
         val_set = read_labelled(val_index, val)
@@ -241,6 +246,7 @@ def write_report(
     out, figures, result, k, val_labels, classes, train_set, val_set, train_labels, grid_queries
 ) -> dict[str, Path]:
     """report.json, report.md, confusion.png, neighbours.png; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
     files = {
         "json": out / "report.json",
         "markdown": out / "report.md",

@@ -8,6 +8,13 @@
         vectors-0000.f32             its vectors, one row each, float32 (or .f16), append-only
         lock                         held (flock) by the shard's writer
 
+Damage is refused by name, never read past: the catalog lists the shards writers made
+(`shards_made`), and a listed shard whose folder or items.db is gone is an error; a vector
+file must hold its committed rows and end by the shard's `reserved` rows (the writer raises
+it before it appends, so a torn tail is told from appended bytes); each block of rows has a
+CRC32 in `blocks`, checked by every pass that reads whole blocks (build, export, check), and
+every row read one by one must be a unit vector.
+
 An item's id is `seq * shards + shard` (seq: the shard's AUTOINCREMENT), so ids are unique
 across shards and never reused. A file belongs to shard `blake2b(path) mod shards`, which a
 rerun after adding files does not change. Each shard has one writer and its own SQLite file:
@@ -24,8 +31,11 @@ import fcntl
 import hashlib
 import os
 import shutil
+import sqlite3
+import weakref
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +62,16 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE INDEX IF NOT EXISTS items_label ON items(label);
 CREATE TABLE IF NOT EXISTS failures (path TEXT PRIMARY KEY, error TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS blocks (
+    block INTEGER PRIMARY KEY,  -- rows from crc_from + block * crc_block_rows (shard meta)
+    rows INTEGER NOT NULL,      -- how many of its rows the checksum covers (all but the last)
+    crc32 INTEGER NOT NULL      -- zlib.crc32 of those rows' bytes
+);
 """
+
+# |norm^2 - 1| a stored row may show: float32 rows are normalised to ~1e-7, float16 rounds
+# each value by up to 2^-11; random bytes miss this by orders of magnitude
+NORM_TOLERANCE = {"float32": 1e-3, "float16": 1e-2}
 
 
 def sidecar_path(index_path: str | Path) -> Path:
@@ -79,6 +98,62 @@ def split_id(item_id: int, shards: int) -> tuple[int, int]:
     return item_id % shards, item_id // shards
 
 
+def index_of(shard_folder: Path) -> str:
+    """The index a shard folder belongs to (`out.faiss` of `out.faiss.shards/0000-of-0004`)."""
+    return str(shard_folder.parent).removesuffix(".shards")
+
+
+def shard_missing(folder: Path, shard: int) -> str | None:
+    """Why a shard the catalog lists is not there (its folder or items.db), or None."""
+    gone = folder if not folder.is_dir() else folder / "items.db"
+    if gone.is_file():
+        return None
+    return f"{gone} is missing: shard {shard} of {index_of(folder)} is listed in its catalog"
+
+
+class DamagedIndex(UserError):
+    """A file of the index is damaged or gone (told apart from bad input: a service
+    answers it as its own fault, not the client's)."""
+
+
+def refusal(problem: str, index: str | Path) -> DamagedIndex:
+    """A reader's one line for damage it met: the file, and where to see the rest."""
+    return DamagedIndex(f"{problem} (mocoserve index check {index} lists every problem)")
+
+
+def has_index_data(index_path: str | Path) -> bool:
+    """Whether an index's FAISS file or any shard is there (what a new catalog would orphan)."""
+    shards = shards_path(index_path)
+    return Path(index_path).exists() or (shards.is_dir() and any(shards.iterdir()))
+
+
+def catalog_damage(index_path: str | Path) -> str | None:
+    """Why the catalog beside an index cannot be used, when it is there; None if it can."""
+    db = sidecar_path(index_path)
+    if not db.is_file():
+        return None
+    if db.stat().st_size == 0:
+        return f"{db} is damaged: it is empty (0 bytes)"
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)
+        try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+            meta = dict(conn.execute("SELECT key, value FROM meta")) if "meta" in tables else {}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as e:
+        return f"{db} is damaged: not a readable SQLite file ({e})"
+    if "meta" not in tables:
+        return f"{db} is damaged: it has no meta table"
+    if "format_version" not in meta and "items" not in tables:  # neither format 2 nor 1
+        return f"{db} is damaged: its meta table has no format_version"
+    if meta.get("format_version") == str(FORMAT_VERSION):
+        lost = [key for key in ("dim", "shards") if not meta.get(key)]
+        if lost:
+            return f"{db} is damaged: its meta table has no {' or '.join(lost)}"
+    return None
+
+
 class Catalog(DbFile):
     """`out.faiss.db` of a format-2 index: index-level facts only (the `meta` table)."""
 
@@ -86,6 +161,18 @@ class Catalog(DbFile):
 
     def __init__(self, path: str | Path, readonly: bool = False) -> None:
         super().__init__(path, "", readonly, journal="DELETE")
+
+    def listed_shards(self) -> set[int] | None:
+        """The shards writers have made (None: an index from before the catalog listed them)."""
+        value = self.get_meta("shards_made")
+        return None if value is None else {int(s) for s in value.split(",") if s}
+
+    def list_shards(self, shards: Iterable[int]) -> None:
+        """Add shards that now exist to the list (the catalog's writer, under the index lock)."""
+        listed = self.listed_shards()
+        new = (listed or set()) | set(shards)
+        if listed is None or new != listed:
+            self.set_meta({"shards_made": ",".join(map(str, sorted(new)))})
 
 
 class ShardDb(DbFile):
@@ -107,6 +194,16 @@ class ShardCounts:
     garbage: int  # rows of removed or replaced items, still in the vector file
 
 
+@dataclass
+class ShardCheck:
+    """What `Shard.check` found: damage (each a line naming its file), notes, rows checked."""
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    by_checksum: int = 0  # rows verified against their block's CRC32
+    by_norm: int = 0  # rows without a checksum (written before they were kept): norms only
+
+
 class Shard:
     """One shard: `items.db` and its vector file; opened to read, or to write (with its lock)."""
 
@@ -118,7 +215,12 @@ class Shard:
         dim: int,
         dtype: str = "float32",
         writer: bool = False,
+        required: bool = False,
+        strict: bool = True,
     ) -> None:
+        """`required`: the catalog lists this shard, so its folder and items.db must be there.
+        `strict` (a reader): refuse a vector file that cannot hold the committed rows (False:
+        `index check`, which lists the problems instead)."""
         if dtype not in DTYPES:
             raise UserError(f"store dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.folder = Path(folder)
@@ -129,22 +231,51 @@ class Shard:
         self._lock_fd: int | None = None
         self._fd: int | None = None
         self._row_of: np.ndarray | None = None  # seq -> row (-1: none), for gather
+        self._last_seq: int | None = None  # held (`hold`): the newest seq this reader sees
         self.db: ShardDb | None = None
+        self._crc_from: int | None = None  # the first row with checksums (None: none kept)
+        self._crc_rows = self.block_rows
+        self._reserved = 0  # the writer's: rows the vector file may reach before a commit
+        missing = shard_missing(self.folder, shard) if required else None
+        if missing:  # never made anew, never read as empty: the rest of the index needs it
+            raise refusal(missing, index_of(self.folder))
         if writer:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._lock()
             self.db = ShardDb(self.folder / "items.db")
             stored = self.db.get_meta("dim")
             if stored is None:
-                self.db.set_meta({"dim": str(dim), "dtype": dtype, "rows": "0", "garbage": "0"})
+                self.db.set_meta(
+                    {"dim": str(dim), "dtype": dtype, "rows": "0", "garbage": "0",
+                     "reserved": "0", "crc_from": "0", "crc_block_rows": str(self.block_rows)}
+                )  # fmt: skip
             elif (int(stored), self.db.get_meta("dtype")) != (dim, dtype):
                 raise UserError(
                     f"{self.folder} holds {stored}-d {self.db.get_meta('dtype')} vectors, "
                     f"not {dim}-d {dtype}"
                 )
+            self._load_checksums()
             self._recover()
+            if self._crc_from is None:  # a shard from before checksums: kept from here on
+                rows = str(self.rows)
+                self.db.set_meta(
+                    {"crc_from": rows, "crc_block_rows": str(self.block_rows), "reserved": rows}
+                )
+                self._load_checksums()
+            self._reserved = max(self._meta_int("reserved"), self.rows)
         elif (self.folder / "items.db").is_file():
             self.db = ShardDb(self.folder / "items.db", readonly=True)
+            self._load_checksums()
+            problem = self.file_problem() if strict else None
+            if problem:
+                self.close()
+                raise self._refuse(problem)
+
+    def _load_checksums(self) -> None:
+        assert self.db is not None
+        start, rows = self.db.get_meta("crc_from"), self.db.get_meta("crc_block_rows")
+        self._crc_from = None if start is None else int(start)
+        self._crc_rows = int(rows) if rows else self.block_rows
 
     # files and recovery
     @property
@@ -180,6 +311,7 @@ class Shard:
             with self.db.writing():
                 self.db.db.execute("DELETE FROM items WHERE row >= ?", (whole,))
                 self._set_rows(whole)
+                self._trim_checksums(whole)
         with open(path, "ab") as f:
             f.truncate(whole * self.row_bytes)
             f.flush()
@@ -189,10 +321,66 @@ class Shard:
         assert self.db is not None
         self.db.db.execute("UPDATE meta SET value = ? WHERE key = 'rows'", (str(rows),))
 
+    def _put_meta(self, key: str, value: int) -> None:
+        """One meta value, inside the caller's transaction."""
+        assert self.db is not None
+        self.db.db.execute(
+            "INSERT INTO meta(key, value) VALUES(?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, str(value)),
+        )
+
+    def _trim_checksums(self, rows: int) -> None:
+        """Checksums for the first `rows` rows only (a lost write shortened the file)."""
+        assert self.db is not None
+        if self._crc_from is None:
+            return
+        q = self.db.db.execute
+        if rows <= self._crc_from:
+            q("DELETE FROM blocks")
+            self._put_meta("crc_from", rows)
+            self._crc_from = rows
+            return
+        block, keep = divmod(rows - self._crc_from, self._crc_rows)
+        q("DELETE FROM blocks WHERE block >= ?", (block + (1 if keep else 0),))
+        if keep:  # the block the file now ends in: its checksum anew, from what is left
+            data = self._pread(self._crc_from + block * self._crc_rows, keep)
+            q("INSERT OR REPLACE INTO blocks VALUES(?, ?, ?)", (block, keep, zlib.crc32(data)))
+
+    def _checksum(self, first: int, data: bytes) -> None:
+        """Extend the blocks' CRC32s over rows appended at `first` (in the commit's
+        transaction): one row per block of ~16 MB, crc32 costs ~10 ms a block."""
+        assert self.db is not None
+        if self._crc_from is None or first < self._crc_from:
+            return
+        q, view, size = self.db.db.execute, memoryview(data), self.row_bytes
+        row, pos = first, 0
+        while pos < len(view):
+            block, offset = divmod(row - self._crc_from, self._crc_rows)
+            take = min(self._crc_rows - offset, (len(view) - pos) // size)
+            got = q("SELECT rows, crc32 FROM blocks WHERE block = ?", (block,)).fetchone()
+            covered, crc = got if got else (0, 0)
+            if covered != offset:  # rows written without checksums (an older writer): from
+                start = row - offset  # the file, as it is
+                covered, crc = offset, zlib.crc32(self._pread(start, offset))
+            crc = zlib.crc32(view[pos : pos + take * size], crc)
+            q("INSERT OR REPLACE INTO blocks VALUES(?, ?, ?)", (block, offset + take, crc))
+            row, pos = row + take, pos + take * size
+
+    def _reserve(self, end: int) -> None:
+        """Let the vector file grow to `end` rows before it is appended to: a reader tells a
+        torn tail (up to `reserved`) from bytes that do not belong (beyond it). Each commit
+        reserves its next batch's room, so this costs a transaction only when batches grow."""
+        if end > self._reserved:
+            assert self.db is not None
+            with self.db.writing():
+                self._put_meta("reserved", end)
+            self._reserved = end
+
     def close(self) -> None:
         self._row_of = None
         if self._fd is not None:
-            os.close(self._fd)
+            self._close_fd()
             self._fd = None
         if self.db is not None:
             self.db.close()
@@ -200,6 +388,54 @@ class Shard:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing releases the lock
             self._lock_fd = None
+
+    # a reader that serves a loaded index
+    def hold(self) -> None:
+        """Hold what this reader reads from now on: the vector file open, the seq -> row
+        table read. The files at these names may be replaced by another index (a re-embed)
+        and grown by a writer; this reader keeps reading the ones it opened, and only the
+        rows committed by now (seqs are never reused: later rows have larger seqs)."""
+        if self.db is None or self.writer:
+            return
+        try:
+            self._row_of = self._row_table()
+        except sqlite3.DatabaseError as e:
+            raise self._refuse(f"{self.folder / 'items.db'} is damaged: {e}") from None
+        seqs = np.flatnonzero(self._row_of >= 0)
+        if len(seqs):
+            try:
+                self._open_vectors()
+            except FileNotFoundError:
+                raise self._refuse(f"{self.vector_path} is missing") from None
+        self._last_seq = int(seqs[-1]) if len(seqs) else 0
+
+    @property
+    def _seen(self) -> str:
+        """SQL: the items rows this reader sees (held: none committed after it was held)."""
+        return "1" if self._last_seq is None else f"seq <= {int(self._last_seq)}"
+
+    def _row_table(self) -> np.ndarray:
+        """seq -> row (-1: no item), int32 where rows allow: 4 bytes an item."""
+        pairs = np.zeros((0, 2), dtype=np.int64)
+        if self.db is not None:
+            cursor = self.db.db.execute(f"SELECT seq, row FROM items WHERE {self._seen}")
+            pairs = np.fromiter(cursor, dtype=np.dtype((np.int64, 2)))
+        seq, row = pairs[:, 0], pairs[:, 1]
+        row_of = np.full(int(seq.max()) + 1 if len(seq) else 0, -1, dtype=np.int64)
+        row_of[seq] = row
+        return row_of.astype(np.int32) if len(row) and row.max() < 2**31 else row_of
+
+    def _open_vectors(self) -> None:
+        """The vector file, opened once. Held, no file is opened by name any more: one that
+        was not there when the reader held its rows is another version's."""
+        if self._fd is not None:
+            return
+        if self._last_seq is not None:
+            gone = "not there when the index was loaded"
+            raise OSError(errno.ENOENT, gone, str(self.vector_path))
+        fd = os.open(self.vector_path, os.O_RDONLY)
+        # closed by `close`, or when the shard is dropped unclosed (a reloaded index)
+        self._fd, self._close_fd = fd, weakref.finalize(self, os.close, fd)
 
     # facts
     def _meta_int(self, key: str) -> int:
@@ -220,10 +456,55 @@ class Shard:
     def __len__(self) -> int:
         if self.db is None:
             return 0
-        return int(self.db.db.execute("SELECT count(*) FROM items").fetchone()[0])
+        q = f"SELECT count(*) FROM items WHERE {self._seen}"
+        return int(self.db.db.execute(q).fetchone()[0])
 
     def to_id(self, seq: np.ndarray | int):
         return seq * self.shards + self.shard
+
+    # damage
+    def _damaged(self, what: str) -> str:
+        return f"{self.vector_path} is damaged: {what}"
+
+    def _refuse(self, problem: str) -> DamagedIndex:
+        return refusal(problem, index_of(self.folder))
+
+    def file_problem(self) -> str | None:
+        """Why the vector file cannot be this shard's, by its size alone (None: it can)."""
+        if self.db is None:
+            return None
+        rows = self.rows  # read before the size: the bytes of committed rows come first
+        try:
+            size = self.vector_path.stat().st_size
+        except FileNotFoundError:
+            size = None
+        reserved = self.db.get_meta("reserved")  # after: the writer reserves, then appends
+        need = rows * self.row_bytes
+        if size is None:
+            if not rows:
+                return None
+            return f"{self.vector_path} is missing: its shard commits {rows:,} rows to it"
+        if size < need:
+            return self._damaged(f"{size:,} bytes, its {rows:,} committed rows take {need:,}")
+        if reserved is not None and size > max(int(reserved), rows) * self.row_bytes:
+            return self._damaged(f"{size - need:,} bytes past its {rows:,} committed rows")
+        return None
+
+    def _bad_norms(self, vectors: np.ndarray) -> np.ndarray:
+        """Rows that are not unit vectors (all-zero rows pass: what a model may return)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            n2 = np.einsum("ij,ij->i", vectors, vectors)
+            return ~(np.abs(n2 - 1) <= NORM_TOLERANCE[self.dtype.name]) & (n2 != 0)
+
+    def _check_norms(self, vectors: np.ndarray, rows: np.ndarray) -> None:
+        bad = self._bad_norms(vectors)
+        if bad.any():
+            i = int(np.argmax(bad))
+            with np.errstate(over="ignore", invalid="ignore"):
+                norm = float(np.sqrt(np.sum(np.square(vectors[i], dtype=np.float64))))
+            raise self._refuse(
+                self._damaged(f"row {int(rows[i])} is not a unit vector (norm {norm:.3g})")
+            )
 
     # reading
     def _query(self, sql: str, params: Sequence = ()) -> list:
@@ -237,7 +518,7 @@ class Shard:
         return np.fromiter((r[0] for r in self.db.db.execute(sql)), dtype=np.int64)
 
     def seqs(self) -> np.ndarray:
-        return self._column("SELECT seq FROM items ORDER BY seq")
+        return self._column(f"SELECT seq FROM items WHERE {self._seen} ORDER BY seq")
 
     def items(self, seqs: Iterable[int]) -> dict[int, Item]:
         """seq -> Item (with its global id) for the seqs that exist."""
@@ -248,7 +529,7 @@ class Shard:
             marks = ",".join("?" * len(chunk))
             for row in self._query(
                 "SELECT seq, path, label, sha256, bytes, mtime, width, height FROM items "
-                f"WHERE seq IN ({marks})",
+                f"WHERE seq IN ({marks}) AND {self._seen}",
                 chunk,
             ):
                 out[row[0]] = Item(int(self.to_id(row[0])), py_path(row[1]), *row[2:])
@@ -263,8 +544,7 @@ class Shard:
         out = np.empty((len(rows), self.dim), dtype=np.float32)
         if len(rows) == 0:
             return out
-        if self._fd is None:
-            self._fd = os.open(self.vector_path, os.O_RDONLY)
+        self._open_vectors()
         rows = np.asarray(rows, dtype=np.int64)
         direct = self.dtype == np.float32 and bool(np.all(np.diff(rows) >= 0))
         order = np.arange(len(rows)) if direct else np.argsort(rows, kind="stable")
@@ -284,7 +564,117 @@ class Shard:
             if got != size:
                 raise OSError(errno.EIO, "vector file shorter than its rows", str(self.vector_path))
             start = end
+        self._check_norms(out, rows)  # a row read alone has no checksum to hand: its norm
         return out
+
+    def _pread(self, first: int, count: int) -> bytes:
+        """`count` rows' bytes from row `first`, exactly (short: the file is damaged)."""
+        self._open_vectors()
+        data = os.pread(self._fd, count * self.row_bytes, first * self.row_bytes)
+        if len(data) != count * self.row_bytes:
+            raise self._refuse(self._damaged(f"shorter than its rows {first}-{first + count - 1}"))
+        return data
+
+    def _checksums(self) -> dict[int, tuple[int, int]]:
+        """block -> (rows it covers, crc32)."""
+        if self.db is None or not self.db.has_table("blocks"):
+            return {}
+        rows = self.db.db.execute("SELECT block, rows, crc32 FROM blocks").fetchall()
+        return {b: (n, crc) for b, n, crc in rows}
+
+    def _block(self, block: int, rows: int, crc: int) -> tuple[np.ndarray, str | None]:
+        """A block's rows as stored, and the problem if its checksum does not match."""
+        first = (self._crc_from or 0) + block * self._crc_rows
+        data = self._pread(first, rows)
+        problem = None
+        if zlib.crc32(data) != crc:
+            problem = self._damaged(f"rows {first}-{first + rows - 1} do not match their checksum")
+        return np.frombuffer(data, dtype=self.dtype).reshape(rows, self.dim), problem
+
+    def _read_checked(self, rows: np.ndarray, blocks: dict, held: dict) -> np.ndarray:
+        """float32 rows of a bulk pass: whole blocks read and checked against their CRC32
+        (`held`: the last one read, since a pass goes through the rows in order); rows that
+        no checksum covers (written before they were kept) are read by `read_rows`."""
+        if self._crc_from is None or not blocks:
+            return self.read_rows(rows)
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        rel = rows - self._crc_from
+        block_of = np.where(rel >= 0, rel // self._crc_rows, -1)
+        covered = np.zeros(len(rows), dtype=bool)
+        for block in np.unique(block_of[block_of >= 0]).tolist():
+            if block not in blocks:
+                continue
+            count, crc = blocks[block]
+            mine = (block_of == block) & (rel - block * self._crc_rows < count)
+            if not mine.any():
+                continue
+            if held.get("block") != block:
+                vectors, problem = self._block(block, count, crc)
+                if problem:
+                    raise self._refuse(problem)
+                held["block"], held["rows"] = block, vectors
+            out[mine] = held["rows"][rel[mine] - block * self._crc_rows]
+            covered |= mine
+        if not covered.all():
+            out[~covered] = self.read_rows(rows[~covered])
+        return out
+
+    def check(self) -> ShardCheck:
+        """Every problem of this shard's files (`index check`): the vector file's size,
+        items past the committed rows, every block's checksum, norms where none is kept."""
+        found = ShardCheck()
+        if self.db is None:
+            return found
+        path, size_of_row = self.vector_path, self.row_bytes
+        problem = self.file_problem()
+        if problem:
+            found.problems.append(problem)
+        rows = self.rows
+        size = path.stat().st_size if path.exists() else 0
+        if not problem and size > rows * size_of_row:
+            found.notes.append(
+                f"{path}: {size - rows * size_of_row:,} bytes past its committed rows (a write "
+                "that was interrupted or is running; the next embed truncates them)"
+            )
+        beyond = self._query("SELECT count(*) FROM items WHERE row < 0 OR row >= ?", (rows,))
+        if beyond[0][0]:
+            found.problems.append(
+                f"{self.folder / 'items.db'} is damaged: {beyond[0][0]:,} items name rows "
+                f"past its {rows:,} committed rows"
+            )
+        readable = min(rows, size // size_of_row)
+        spans = []  # (first, end) of the rows checksums cover
+        for block, (count, crc) in sorted(self._checksums().items()):
+            first = (self._crc_from or 0) + block * self._crc_rows
+            end = min(first + count, readable)
+            if end <= first:
+                continue
+            spans.append((first, end))
+            if end < first + count:
+                continue  # the file is short: said above
+            problem = self._block(block, count, crc)[1]
+            found.by_checksum += count
+            if problem:
+                found.problems.append(problem)
+        start = 0
+        for first, end in [*spans, (readable, readable)]:  # the rows between: norms only
+            for at in range(start, first, self.block_rows):
+                count = min(self.block_rows, first - at)
+                block = np.frombuffer(self._pread(at, count), dtype=self.dtype)
+                bad = self._bad_norms(block.reshape(count, self.dim).astype(np.float32))
+                found.by_norm += count
+                if bad.any():
+                    found.problems.append(
+                        f"{path} is damaged: {int(bad.sum()):,} of rows {at}-{at + count - 1} "
+                        f"are not unit vectors (the first: row {at + int(np.argmax(bad))})"
+                    )
+            start = max(start, end)
+        if found.by_norm:
+            found.notes.append(
+                f"{path}: {found.by_norm:,} rows have no checksums (written before mocoserve "
+                "kept them): checked by their norms only"
+            )
+        return found
 
     @property
     def block_rows(self) -> int:
@@ -296,11 +686,12 @@ class Shard:
         if self.db is None:
             return
         batch = batch or self.block_rows
-        if seqs is None:
+        if seqs is None:  # a bulk pass (build, export): every block it reads is checked
+            blocks, held = self._checksums(), {}
             cursor = self.db.db.execute("SELECT seq, row FROM items ORDER BY seq")
             while chunk := cursor.fetchmany(batch):
                 pairs = np.asarray(chunk, dtype=np.int64).reshape(-1, 2)
-                yield self.to_id(pairs[:, 0]), self.read_rows(pairs[:, 1])
+                yield self.to_id(pairs[:, 0]), self._read_checked(pairs[:, 1], blocks, held)
             return
         seqs = np.sort(np.asarray(seqs, dtype=np.int64))
         for start in range(0, len(seqs), 500):
@@ -323,12 +714,7 @@ class Shard:
         found.
         """
         if self._row_of is None:
-            seq = self._column("SELECT seq FROM items ORDER BY seq")
-            row = self._column("SELECT row FROM items ORDER BY seq")
-            row_of = np.full(int(seq[-1]) + 1 if len(seq) else 0, -1, dtype=np.int64)
-            row_of[seq] = row
-            self._row_of = row_of.astype(np.int32) if len(row) and row.max() < 2**31 else row_of
-            del seq, row, row_of
+            self._row_of = self._row_table()
         seqs = np.asarray(seqs, dtype=np.int64)
         known = (seqs >= 0) & (seqs < len(self._row_of))
         rows = np.full(len(seqs), -1, dtype=np.int64)
@@ -340,12 +726,11 @@ class Shard:
         return out, found
 
     def labels(self) -> set[str]:
-        return {
-            r[0] for r in self._query("SELECT DISTINCT label FROM items WHERE label IS NOT NULL")
-        }
+        q = f"SELECT DISTINCT label FROM items WHERE label IS NOT NULL AND {self._seen}"
+        return {r[0] for r in self._query(q)}
 
     def ids_with_label(self, label: str) -> np.ndarray:
-        rows = self._query("SELECT seq FROM items WHERE label = ?", (label,))
+        rows = self._query(f"SELECT seq FROM items WHERE label = ? AND {self._seen}", (label,))
         return self.to_id(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
 
     def labelled(self) -> int:
@@ -377,14 +762,16 @@ class Shard:
     def commit_batch(self, added: list[NewItem], failed: list[tuple[str, str]]) -> list[int]:
         """Append the vectors (fsynced), then record items and failures in one transaction."""
         assert self.writer and self.db is not None
-        first = self.rows
+        first, data = self.rows, b""
         if added:
             block = np.ascontiguousarray(np.stack([a.vector for a in added]), dtype=self.dtype)
+            data = block.tobytes()
+            self._reserve(first + len(added))
             try:
                 with open(self.vector_path, "ab") as f:
                     if f.tell() != first * self.row_bytes:
                         raise OSError(errno.EIO, "does not end at its committed rows")
-                    f.write(block.tobytes())
+                    f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
             except OSError as e:  # a full disk: nothing refers to the partial tail yet
@@ -415,6 +802,12 @@ class Shard:
                 )
             self._set_rows(first + len(added))
             self._add_garbage(replaced)
+            if added:
+                self._checksum(first, data)
+                # room for the next batch of this size, so it needs no transaction of its own
+                self._put_meta("reserved", first + 2 * len(added))
+        if added:
+            self._reserved = first + 2 * len(added)
         return ids
 
     def _add_garbage(self, n: int) -> None:
@@ -456,16 +849,38 @@ class ShardedStore:
         self.dtype = self.catalog.get_meta("store_dtype") or "float32"
         self._open: dict[int, Shard] = {}
         self._len: int | None = None
+        self.listed = self.catalog.listed_shards()  # None: an index from before the list
+        for s in sorted(self.listed or ()):  # a lost shard is refused, not read as empty
+            missing = shard_missing(shard_path(self.index_path, s, self.shards), s)
+            if missing:
+                self.catalog.close()
+                raise refusal(missing, self.index_path)
 
     def shard(self, s: int) -> Shard:
         if s not in self._open:
             folder = shard_path(self.index_path, s, self.shards)
-            self._open[s] = Shard(folder, s, self.shards, self.dim, self.dtype)
+            required = self.listed is not None and s in self.listed
+            self._open[s] = Shard(folder, s, self.shards, self.dim, self.dtype, required=required)
         return self._open[s]
+
+    def verify(self) -> None:
+        """Read every shard's vectors against their checksums (norms where none is kept):
+        the first damage found is a UserError naming its file."""
+        for shard in self.all_shards():
+            problems = shard.check().problems
+            if problems:
+                raise refusal(problems[0], self.index_path)
 
     def all_shards(self) -> Iterator[Shard]:
         for s in range(self.shards):
             yield self.shard(s)
+
+    def hold(self) -> None:
+        """Open every shard and hold its files and rows (`Shard.hold`): a reader that serves
+        an index reads nothing later by name, so nothing of a later version."""
+        for shard in self.all_shards():
+            shard.hold()
+        self._len = None  # counted again, over the rows held
 
     def close(self) -> None:
         for shard in self._open.values():
@@ -562,6 +977,9 @@ def open_store(index_path: str | Path) -> ShardedStore | Sidecar:
     db = sidecar_path(index_path)
     version = format_version(db)
     if version is None:
+        damage = catalog_damage(index_path)
+        if damage:
+            raise DamagedIndex(damage)
         raise UserError(f"{index_path} is not an index (no readable {db.name})")
     if version > FORMAT_VERSION:
         raise UserError(f"{index_path} is a format {version} index; upgrade mocoserve")
@@ -621,6 +1039,7 @@ def migrate(index_path: str | Path) -> int:
                     ("format_version", str(FORMAT_VERSION)),
                     ("shards", "1"),
                     ("store_dtype", "float32"),
+                    ("shards_made", "0" if dim else ""),
                 ],
             )
             old.db.execute("DROP TABLE items")
@@ -635,8 +1054,10 @@ def _copy_rows(shard: Shard, items: list[Item], vectors: np.ndarray) -> None:
     """Copy format-1 items with their ids (seq = id: one shard) and vectors into a shard."""
     assert shard.db is not None
     first = shard.rows
+    data = np.ascontiguousarray(vectors, dtype=shard.dtype).tobytes()
+    shard._reserve(first + len(items))
     with open(shard.vector_path, "ab") as f:
-        f.write(np.ascontiguousarray(vectors, dtype=shard.dtype).tobytes())
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     with shard.db.writing():
@@ -650,3 +1071,5 @@ def _copy_rows(shard: Shard, items: list[Item], vectors: np.ndarray) -> None:
             ],
         )  # fmt: skip
         shard._set_rows(first + len(items))
+        shard._checksum(first, data)
+        shard._put_meta("reserved", first + len(items))

@@ -851,6 +851,10 @@ class Searcher:
             return
         self.gpu, self.layout, self.gpus = gpu, layout, faiss.get_num_gpus()
 
+    def hide(self, ids: np.ndarray) -> None:
+        """Never return these ids again (the store removed them after the index was read)."""
+        self.hidden = np.union1d(self.hidden, np.asarray(ids, dtype=np.int64))
+
     def _gpu_can(self, k: int) -> bool:
         return self.gpu is not None and k <= GPU_MAX_K and (self.settings.nprobe or 0) <= GPU_MAX_K
 

@@ -32,11 +32,17 @@ from mocoserve.store import (
     DTYPES,
     FORMAT_VERSION,
     Catalog,
+    DamagedIndex,
     Shard,
     ShardedStore,
+    catalog_damage,
+    has_index_data,
     migrate,
+    refusal,
+    shard_missing,
     shard_of,
     shard_path,
+    shards_path,
     sidecar_path,
 )
 
@@ -237,6 +243,12 @@ class IndexWriter:
                 f"{self.path} exists and is not an index made by embed (no {db.name}); "
                 "choose another --index"
             )
+        damage = catalog_damage(self.path)
+        if damage and has_index_data(self.path):  # never a new index over the old one's shards
+            raise DamagedIndex(
+                f"{damage}; the index's data is beside it ({shards_path(self.path).name}): "
+                "restore the catalog, or embed into a new --index"
+            )
         if format_version(db) == 1:
             moved = migrate(self.path)
             self.notes.append(f"moved {moved} items to the sharded layout (no re-embedding)")
@@ -281,11 +293,25 @@ class IndexWriter:
             made_dtype = meta.get("store_dtype") or "float32"
             if store_dtype is not None and store_dtype != made_dtype:
                 raise UserError(f"{self.path} stores {made_dtype} vectors, not {store_dtype}")
+        self.list_shards()
         if choice is not None:
             self.choose(choice, expected)
         if labels_from_folders is not None:
             catalog.set_meta({"labels": "folders" if labels_from_folders else "none"})
         return catalog.meta()
+
+    def list_shards(self) -> None:
+        """Refuse a shard the catalog lists that is gone; list the ones made since (a
+        torchrun rank's, or any from before the catalog kept the list)."""
+        catalog, n = self.catalog(), self.shard_count
+        listed = catalog.listed_shards()
+        for s in sorted(listed or ()):
+            missing = shard_missing(shard_path(self.path, s, n), s)
+            if missing:
+                raise refusal(missing, self.path)
+        present = {s for s in range(n) if (shard_path(self.path, s, n) / "items.db").is_file()}
+        if self.locked and (listed is None or not present <= listed):
+            catalog.list_shards(present)
 
     def choose(self, choice: IndexChoice, expected: int = 0) -> None:
         """Remember what the index is to be built as; checked (a UserError) before any work."""
@@ -307,9 +333,14 @@ class IndexWriter:
         meta = self.meta()
         n, dim = int(meta.get("shards") or 1), int(meta["dim"])
         dtype = meta.get("store_dtype") or "float32"
+        listed = self.catalog().listed_shards()
         for s in shard_ids:
             if s not in self.shards:
-                self.shards[s] = Shard(shard_path(self.path, s, n), s, n, dim, dtype, writer=True)
+                required = listed is not None and s in listed  # a lost one is not made anew
+                folder = shard_path(self.path, s, n)
+                self.shards[s] = Shard(folder, s, n, dim, dtype, writer=True, required=required)
+        if self.locked:
+            self.catalog().list_shards(self.shards)
 
     def shard_for(self, path: str) -> Shard:
         s = shard_of(path, self.shard_count)
@@ -329,13 +360,13 @@ class IndexWriter:
 
     def diff(
         self, shard: int, files: Iterable[FileStat], roots: Sequence[str]
-    ) -> tuple[list[FileStat], int, int, int]:
+    ) -> tuple[list[FileStat], int, int, list[tuple[str | None, str]]]:
         """Bring a shard in line with a scan of the folders, short of embedding.
 
         Items under `roots` whose file is gone are removed (with their failures); files of
         the same size and mtime are kept (relabelled where their folder label changed);
         the rest (new, changed, failed before) is returned to embed.
-        Returns (to embed, skipped, removed, relabelled).
+        Returns (to embed, skipped, removed, the (new label, path) of those relabelled).
         """
         writer = self.shards[shard]
         known = writer.stats()
@@ -359,7 +390,7 @@ class IndexWriter:
                 todo.append(f)
         if relabel:
             writer.set_labels(relabel)
-        return todo, skipped, removed, len(relabel)
+        return todo, skipped, removed, relabel
 
     def remove_paths(self, paths: Iterable[str]) -> int:
         grouped: dict[int, list[str]] = {}
@@ -372,8 +403,11 @@ class IndexWriter:
         self.shards[shard].db.set_meta({key: repr(time.time())})  # type: ignore[union-attr]
 
     # the FAISS file
-    def build(self) -> BuildInfo:
+    def build(self, verify: bool = False) -> BuildInfo:
         """Bring the FAISS file into agreement with every shard and write it atomically.
+
+        `verify` reads every vector against its checksum first (`index build`); otherwise
+        the blocks the build reads are checked as they are read.
 
         The index type is `mocoserve.planner`'s choice for the store's size, the index's
         remembered --index-type, --max-index-memory and --on-disk. It is rebuilt (trained
@@ -386,11 +420,14 @@ class IndexWriter:
 
         if not self.locked:
             raise RuntimeError("building needs the index's writer lock")
+        self.list_shards()
         catalog = self.catalog()
         meta = catalog.meta()
         store = ShardedStore(self.path)
         version = int(meta.get("version") or 0) + 1
         try:
+            if verify:
+                store.verify()
             n, dim = len(store), int(meta.get("dim") or 0)
             choice = IndexChoice.from_meta(meta)
             plan = choice.plan(n, dim, self.flat_limit)

@@ -98,7 +98,7 @@ def test_knn_cli_report_files_and_presets(tmp_path, labelled_dir, val_dir, model
     report = json.loads((tmp_path / "m" / "report.json").read_text())
     assert moco.exit_code == 0 and report["preset"] == "moco" and report["temperature"] == 0.1
     assert report["k"] == 24 and list(report["by_k"]) == ["24"]  # 200, capped
-    explicit = runner.invoke(app, [*args, "--out", str(tmp_path / "e"), "-k", "3", "-t", "0.5"])
+    explicit = runner.invoke(app, [*args, "--out", str(tmp_path / "e"), "-k", "3", "-T", "0.5"])
     report = json.loads((tmp_path / "e" / "report.json").read_text())
     assert explicit.exit_code == 0 and list(report["by_k"]) == ["3"]
 

@@ -79,10 +79,20 @@ class Server:
         return self.err
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def embed(images: Path, index: Path, package: Path | None = None, *extra: str) -> None:
+    """`mocoserve embed IMAGES --index INDEX` (labelled by folder) in a subprocess; it must pass."""
+    model = ["--model", str(package)] if package is not None else []
+    made = subprocess.run(
+        [sys.executable, "-m", "mocoserve", "embed", str(images), "--index", str(index)]
+        + [*model, "--labels-from-folders", "--quiet", "--workers", "0", *extra],
+        capture_output=True,
+        text=True,
+    )
+    assert made.returncode == 0, made.stderr
+
+
+def make_world(root: Path) -> dict:
     """A checkpoint, its package (32 px), labelled images with a JPEG and a PNG, an index."""
-    root = tmp_path_factory.mktemp("service")
     ckpt = make_checkpoint(root / "c.pt")
     package = export_checkpoint(ckpt, root / "model", formats=("onnx",)).out
     images = make_labelled(root / "images", classes=3, per_class=6)
@@ -90,14 +100,13 @@ def world(tmp_path_factory):
     photo.save(images / "class_1" / "photo.jpg", quality=92)
     photo.save(images / "class_1" / "photo.png")
     index = root / "out.faiss"
-    made = subprocess.run(
-        [sys.executable, "-m", "mocoserve", "embed", str(images), "--index", str(index)]
-        + ["--model", str(package), "--labels-from-folders", "--quiet", "--workers", "0"],
-        capture_output=True,
-        text=True,
-    )
-    assert made.returncode == 0, made.stderr
+    embed(images, index, package)
     return {"root": root, "ckpt": ckpt, "package": package, "images": images, "index": index}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("service"))
 
 
 @pytest.fixture(scope="module")

@@ -481,7 +481,9 @@ class Trainer:
             TextColumn("{task.fields[stats]}"),
             TimeRemainingColumn(),
             console=self.console,
-            disable=not (self.main and self.cfg.run.progress),
+            # to a file or a pipe the bar would only be copied out at the end, beside the
+            # epoch lines that end_epoch prints: there, those lines are the whole log
+            disable=not (self.main and self.cfg.run.progress and self.console.is_terminal),
             transient=False,
         )
 

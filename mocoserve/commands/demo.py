@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mocoserve.commands.options import OutOpt, SeedOpt, WorkersOpt, guarded
+from mocoserve.commands.options import OutOpt, SeedOpt, check_loading, guarded, workers_opt
 
 app = typer.Typer()
 
@@ -34,12 +34,16 @@ def demo(
         int, typer.Option("--epochs", help="MoCo v2 epochs (about 12 s each on 2 cores).")
     ] = 20,
     seed: SeedOpt = None,
-    workers: WorkersOpt = None,
+    workers: workers_opt("2") = None,
 ) -> None:
     """Train, export, embed and report on scikit-learn's digits: trained vs random weights."""
     from mocoserve.demo import run_demo
 
-    result = guarded(lambda: run_demo(out, epochs, seed or 0, 2 if workers is None else workers))
+    def work():
+        check_loading(None, workers)  # before the digits are written
+        return run_demo(out, epochs, seed or 0, 2 if workers is None else workers)
+
+    result = guarded(work)
     table = Table(title="k-NN top-1 on the digits val split (weighted k-NN, k=200, T=0.1)")
     table.add_column("network")
     table.add_column("top-1 %", justify="right")

@@ -30,10 +30,11 @@ from mocoserve.commands.options import (
     ModelOpt,
     QuietOpt,
     WorkersOpt,
+    check_loading,
     guarded,
 )
 from mocoserve.core.errors import UserError
-from mocoserve.core.files import shown
+from mocoserve.core.files import path_text, shown
 
 app = typer.Typer()
 
@@ -44,14 +45,15 @@ MemoryOpt = Annotated[
         help="RAM the index may take, e.g. 256M or 4G: auto then picks the most exact index "
         "that fits (Flat, IVF-Flat, IVF-SQ8, OPQ + IVF-PQ re-ranked from the store). "
         "Remembered by the index.",
+        show_default="no limit, or as the index has it",
     ),
 ]
 RecallOpt = Annotated[
     float | None,
     typer.Option(
         "--recall-target",
-        help="recall@10 (against exact search) that search settings are tuned to; "
-        "default 0.95. Remembered.",
+        help="recall@10 (against exact search) that search settings are tuned to. Remembered.",
+        show_default="0.95, or as the index has it",
     ),
 ]
 OnDiskOpt = Annotated[
@@ -60,6 +62,7 @@ OnDiskOpt = Annotated[
         "--on-disk/--in-memory",
         help="Keep the IVF inverted lists in a file beside the index, memory-mapped to "
         "search (an index larger than RAM). Remembered.",
+        show_default="in-memory, or as the index has it",
     ),
 ]
 
@@ -68,7 +71,15 @@ OnDiskOpt = Annotated[
 def embed(
     images: Annotated[list[Path], typer.Argument(help="Image folders (searched recursively).")],
     index: Annotated[Path, typer.Option("--index", "-i", help="Index file to create or update.")],
-    model: ModelOpt = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Model package folder (made by export); needed for a new index.",
+            show_default="the index's model",
+        ),
+    ] = None,
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
     index_type: Annotated[
@@ -111,7 +122,11 @@ def embed(
     ] = None,
     store_dtype: Annotated[
         str | None,
-        typer.Option("--store-dtype", help="float32 | float16 vectors on disk (new index)."),
+        typer.Option(
+            "--store-dtype",
+            help="float32 | float16 vectors on disk (new index).",
+            show_default="float32",
+        ),
     ] = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -123,6 +138,8 @@ def embed(
 
     def work() -> int:
         from mocoserve.embed import embed_folders, parse_shard
+
+        check_loading(batch_size, workers)
 
         rank = int(os.environ.get("RANK", "0"))
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -145,7 +162,8 @@ def embed(
 
         def on_start(todo: int, provider: str) -> None:
             console.print(
-                f"{who}model {model or '(from the index)'} on {provider}; {todo} to embed"
+                f"{who}model {escape(shown(model)) if model else '(from the index)'} on "
+                f"{provider}; {todo} to embed"
             )
             task.update(id=progress.add_task("embed", total=todo, rate=""), todo=todo)
             task["t0"] = time.monotonic()
@@ -168,7 +186,7 @@ def embed(
                 images,
                 model,
                 index,
-                batch_size=batch_size or 64,
+                batch_size=64 if batch_size is None else batch_size,
                 workers=workers,
                 index_type=index_type,
                 max_index_memory=max_index_memory,
@@ -210,11 +228,11 @@ def print_summary(index: Path, summary, per_shard: bool) -> None:
     """The run's result: failures, counts, per-shard and per-rank figures, the index."""
     out = Console(soft_wrap=True)
     for path, error in summary.failures[:20]:
-        out.print(f"[yellow]failed[/] {escape(shown(path))}: {escape(error)}", soft_wrap=True)
+        out.print(f"[yellow]failed[/] {escape(shown(path))}: {escape(shown(error))}")
     if len(summary.failures) > 20:
         out.print(f"... and {len(summary.failures) - 20} more (in the shards' failures tables)")
     for note in summary.notes:
-        out.print(f"note: {note}")
+        out.print(f"note: {escape(shown(note))}")
     if per_shard:
         table = Table("shard", "rank", "embedded", "skipped", "failed", "removed")
         for s in summary.shards:
@@ -229,6 +247,13 @@ def print_summary(index: Path, summary, per_shard: bool) -> None:
         f"failed {summary.failed}, removed {summary.removed} "
         f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} img/s)"
     )
+    if summary.relabelled or summary.unlabelled:  # unchanged files, so not embedded again
+        why = "a label is the top-level folder under each folder given"
+        if summary.unlabelled:
+            why += "; to keep them, embed the folder above"
+        out.print(
+            f"labels: {summary.relabelled} relabelled, {summary.unlabelled} unlabelled ({why})"
+        )
     if summary.stages and summary.embedded + summary.failed:
         s = summary.stages
         out.print(
@@ -237,7 +262,7 @@ def print_summary(index: Path, summary, per_shard: bool) -> None:
         )
     built = "" if summary.built or not per_shard else " (index not built by this run)"
     out.print(
-        f"{index}: {summary.total} images, {summary.labelled} labelled, "
+        f"{escape(shown(index))}: {summary.total} images, {summary.labelled} labelled, "
         f"{summary.index_line or summary.factory}{built}"
     )
 
@@ -263,6 +288,17 @@ def search(
         for q in queries:
             if not q.is_file():
                 raise UserError(f"{q} is not a file")
+        if len(idx) == 0:  # not the command's fault: a note (on stderr, for --json) and exit 0
+            print(
+                f"note: {index} holds no images; add some with mocoserve embed FOLDER --index "
+                f"{index}",
+                file=sys.stderr,
+            )
+            if as_json:
+                empty = [{"query": str(q), "in_index": False, "results": []} for q in queries]
+                json.dump(empty, sys.stdout, indent=2)
+                sys.stdout.write("\n")
+            return
         if label is not None:
             labels = idx.labels()
             if not labels:
@@ -274,9 +310,12 @@ def search(
         if as_json:
             payload = [
                 {
-                    "query": str(q),
+                    "query": path_text(q),
                     "in_index": any(h.is_query for h in hits),
-                    "results": [{"rank": r, **h.to_dict()} for r, h in enumerate(hits, 1)],
+                    "results": [  # names as the service gives them (bytes not UTF-8: \xNN)
+                        {"rank": r, **h.to_dict(), "path": path_text(h.path)}
+                        for r, h in enumerate(hits, 1)
+                    ],
                 }
                 for q, hits in zip(queries, results, strict=True)
             ]
@@ -294,7 +333,7 @@ def search(
                 table.add_row(
                     str(r),
                     f"{h.score:.4f}",
-                    h.label or "",
+                    escape(shown(h.label or "")),
                     escape(shown(os.path.relpath(h.path))) + mark,
                 )
             console.print(table)
@@ -303,7 +342,9 @@ def search(
 
 
 index_app = typer.Typer(
-    name="index", help="Build, migrate and export an index (made by embed).", no_args_is_help=True
+    name="index",
+    help="Build, check, migrate and export an index (made by embed).",
+    no_args_is_help=True,
 )
 
 
@@ -327,11 +368,14 @@ def build(
     def work() -> None:
         from mocoserve.dbfile import format_version
         from mocoserve.planner import IndexChoice, parse_size
-        from mocoserve.store import migrate, sidecar_path
+        from mocoserve.store import catalog_damage, migrate, sidecar_path
         from mocoserve.writer import IndexWriter, shards_done
 
         if format_version(sidecar_path(index)) is None:
-            raise UserError(f"{index} is not an index (no {index}.db); make one with embed")
+            damage = catalog_damage(index)
+            raise UserError(
+                damage or f"{index} is not an index (no {index}.db); make one with embed"
+            )
         budget = parse_size(max_index_memory) if max_index_memory is not None else None
         choice = IndexChoice(index_type, budget, recall_target, on_disk)
         with IndexWriter(index) as writer:
@@ -341,7 +385,7 @@ def build(
             if not done:
                 print("note: some shards have not completed a pass; built from what they hold")
             writer.choose(choice)
-            built = writer.build()
+            built = writer.build(verify=True)  # by hand: every vector read against its checksum
             for note in writer.notes:
                 print(f"note: {note}")
         print(f"{index}: {built.items} images, {built.summary} (version {built.version})")
@@ -361,9 +405,12 @@ def info_command(
     def work() -> None:
         import mocoserve.index
         from mocoserve.planner import show_size
+        from mocoserve.store import ShardedStore
 
         idx = mocoserve.index.open(index, device=device or "auto", readonly=True)
         try:
+            if isinstance(idx.store, ShardedStore):
+                idx.store.verify()  # what it reports is what the files hold, or it says not
             facts = {k: v for k, v in idx.info().items() if k != "labels"}
             facts["labels"] = len(idx.labels())
         finally:
@@ -399,9 +446,40 @@ def info_command(
         console = Console(soft_wrap=True)
         width = max(len(k) for k, _ in rows)
         for key, value in rows:
-            console.print(f"{key:<{width}}  {escape(str(value))}")
+            console.print(f"{key:<{width}}  {escape(shown(str(value)))}")
 
     guarded(work)
+
+
+@index_app.command("check")
+def check_command(index: IndexArg) -> None:
+    """Read every file of an index and list every problem found; change nothing.
+
+    Exit 0: no problem; 1: problems (one line each, naming the file); 2: not an index.
+    """
+
+    def work() -> int:
+        from mocoserve.integrity import check_index
+
+        report = check_index(index)
+        console = Console(soft_wrap=True)
+        for problem in report.problems:
+            console.print(f"[red]problem[/]: {escape(problem)}")
+        for note in report.notes:
+            console.print(f"note: {escape(note)}")
+        checked = (
+            f"{report.items:,} items in {report.shards} shard(s); vector rows checked: "
+            f"{report.by_checksum:,} by checksum, {report.by_norm:,} by norm only"
+        )
+        if report.problems:
+            console.print(f"{index}: {len(report.problems)} problem(s); {checked}")
+            return 1
+        console.print(f"{index}: no problems; {checked}")
+        return 0
+
+    code = guarded(work)
+    if code:
+        raise typer.Exit(code)
 
 
 @index_app.command("migrate")

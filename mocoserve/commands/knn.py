@@ -7,9 +7,18 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from mocoserve.commands.options import BatchSizeOpt, DeviceOpt, ModelOpt, WorkersOpt, guarded
+from mocoserve.commands.options import (
+    BatchSizeOpt,
+    DeviceOpt,
+    ModelOpt,
+    WorkersOpt,
+    check_loading,
+    guarded,
+)
+from mocoserve.core.files import shown
 
 app = typer.Typer()
 
@@ -28,10 +37,11 @@ def knn(
         typer.Option("--train-index", help="Reuse an index made by embed --labels-from-folders."),
     ] = None,
     k: Annotated[
-        int | None, typer.Option("--k", "-k", help="Neighbours (default: preset).")
+        int | None, typer.Option("--k", "-k", help="Neighbours.", show_default="the preset's")
     ] = None,
-    temperature: Annotated[
-        float | None, typer.Option("--temperature", "-t", help="T in exp(sim / T).")
+    temperature: Annotated[  # -T as in train (and in the papers' exp(sim / T))
+        float | None,
+        typer.Option("--temperature", "-T", help="T in exp(sim / T).", show_default="the preset's"),
     ] = None,
     preset: Annotated[
         str,
@@ -53,6 +63,7 @@ def knn(
     def work() -> None:
         from mocoserve.report import run_knn
 
+        check_loading(batch_size, workers)
         report = run_knn(
             model,
             train,
@@ -65,14 +76,14 @@ def knn(
             loo,
             device or "auto",
             workers,
-            batch_size or 64,
+            64 if batch_size is None else batch_size,
         )
         for note in report.figures["notes"]:
-            print(f"note: {note}")
+            print(f"note: {shown(note)}")
         print_summary(report.figures)
         console = Console(soft_wrap=True)
         for name, path in report.files.items():
-            console.print(f"{name:>10}: {path}")
+            console.print(f"{name:>10}: {escape(shown(path))}")
 
     guarded(work)
 
@@ -98,5 +109,7 @@ def print_summary(f: dict) -> None:
     if weakest and weakest[0]["top1"] < 100:
         console.print(
             "weakest classes: "
-            + ", ".join(f"{p['class']} {p['top1']:.1f}%" for p in weakest if p["top1"] < 100)
+            + ", ".join(
+                f"{escape(shown(p['class']))} {p['top1']:.1f}%" for p in weakest if p["top1"] < 100
+            )
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import stat
 import sys
 from pathlib import Path
@@ -9,8 +10,9 @@ from typing import Annotated
 
 import typer
 
-from mocoserve.commands.options import DeviceOpt, ModelOpt, guarded
-from mocoserve.core.errors import UserError
+from mocoserve.commands.options import DeviceOpt, guarded
+from mocoserve.core.errors import RunError, UserError
+from mocoserve.decode import MAX_IMAGE_PIXELS
 
 app = typer.Typer()
 
@@ -19,12 +21,18 @@ def read_api_keys(path: Path) -> tuple[str, ...]:
     """One key a line (blank lines and # comments skipped); short or shared keys refused."""
     if not path.is_file():
         raise UserError(f"--api-key-file {path} is not a file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start} is not)") from None
     keys = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         key = line.strip()
         if key and not key.startswith("#"):
             if len(key) < 16 or any(c.isspace() for c in key):
                 raise UserError(f"{path}: API keys must be 16+ characters with no spaces")
+            if not (key.isascii() and key.isprintable()):  # what an HTTP header can carry
+                raise UserError(f"{path}: API keys must be printable ASCII characters")
             keys.append(key)
     if not keys:
         raise UserError(f"{path} holds no API key (one a line)")
@@ -33,12 +41,53 @@ def read_api_keys(path: Path) -> tuple[str, ...]:
     return tuple(keys)
 
 
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to --host and --port, as uvicorn would bind them; one line if not.
+
+    Bound here, before the app is made, so that a name that does not resolve is a UserError
+    and a port in use an OS error (exit 1), not uvicorn's log line and exit 3.
+    """
+    try:
+        found = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (OSError, UnicodeError, ValueError):  # UnicodeError: a label too long for IDNA
+        raise UserError(f"--host {host!r} is not an address or a host name that resolves") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(found):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # as asyncio does: :: and 0.0.0.0 side by side
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError as e:
+        for sock in sockets:
+            sock.close()
+        raise RunError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sockets
+
+
 @app.command()
 def serve(
     index: Annotated[
-        Path | None, typer.Option("--index", "-i", help="Index made by embed (search + UI).")
+        Path | None,
+        typer.Option(
+            "--index",
+            "-i",
+            help="Index made by embed (search + UI). Give --index, --model or both.",
+        ),
     ] = None,
-    model: ModelOpt = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Model package folder (made by export); alone: an embedding-only service.",
+            show_default="the index's model",
+        ),
+    ] = None,
     host: Annotated[
         str, typer.Option("--host", help="Address to bind (0.0.0.0: every one).")
     ] = "127.0.0.1",
@@ -55,6 +104,23 @@ def serve(
     max_connections: Annotated[
         int, typer.Option("--max-connections", help="Requests handled at once; beyond: 503.")
     ] = 128,
+    max_connections_per_client: Annotated[
+        int,
+        typer.Option(
+            "--max-connections-per-client",
+            help="Open connections from one address (IPv6: a /64); beyond: closed. 0: no limit.",
+        ),
+    ] = 64,
+    idle_timeout: Annotated[
+        float,
+        typer.Option("--idle-timeout", help="Seconds a connection may wait between requests."),
+    ] = 5.0,
+    header_timeout: Annotated[
+        float, typer.Option("--header-timeout", help="Seconds to send a request's headers.")
+    ] = 10.0,
+    body_timeout: Annotated[
+        float, typer.Option("--body-timeout", help="Seconds to send a request's whole body.")
+    ] = 60.0,
     api_key_file: Annotated[
         Path | None,
         typer.Option("--api-key-file", help="Keys, one a line: Authorization: Bearer KEY."),
@@ -73,6 +139,19 @@ def serve(
     access_log: Annotated[
         bool, typer.Option("--access-log", help="One log line per request.")
     ] = False,
+    max_image_pixels: Annotated[
+        int,
+        typer.Option(
+            "--max-image-pixels",
+            help="Pixels one image may have (width x height); more: that image fails.",
+        ),
+    ] = MAX_IMAGE_PIXELS,
+    max_request_pixels: Annotated[
+        int,
+        typer.Option(
+            "--max-request-pixels", help="Pixels a request's images may have together; more: 413."
+        ),
+    ] = 256_000_000,
     device: DeviceOpt = None,
 ) -> None:
     """Serve embeddings and similar-image search over HTTP (+ the Gradio page at /ui).
@@ -85,9 +164,11 @@ def serve(
         import logging
 
         import uvicorn
+        from PIL import Image
 
         from mocoserve.core.manifest import Manifest
         from mocoserve.service.app import create_app
+        from mocoserve.service.connections import ConnectionLimits, protocol_class
         from mocoserve.service.state import ServiceConfig
 
         if index is None and model is None:
@@ -102,7 +183,25 @@ def serve(
             (0 <= max_delay_ms <= 10_000, "--max-delay-ms must be from 0 to 10000"),
             (max_queue >= max_batch, "--max-queue must be at least --max-batch"),
             (max_connections >= 1, "--max-connections must be at least 1"),
+            (max_connections_per_client >= 0, "--max-connections-per-client must be 0 or more"),
+            *(
+                (0 < seconds <= 3600, f"{name} must be above 0, at most 3600 (seconds)")
+                for name, seconds in (
+                    ("--idle-timeout", idle_timeout),
+                    ("--header-timeout", header_timeout),
+                    ("--body-timeout", body_timeout),
+                )
+            ),
             (0 < max_upload_mb <= 1024, "--max-upload-mb must be above 0, at most 1024"),
+            # above Pillow's own guard (core/images.py), Pillow would refuse first
+            (
+                1 <= max_image_pixels <= Image.MAX_IMAGE_PIXELS,
+                f"--max-image-pixels must be from 1 to {Image.MAX_IMAGE_PIXELS}",
+            ),
+            (
+                max_request_pixels >= max_image_pixels,
+                "--max-request-pixels must be at least --max-image-pixels",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -115,10 +214,13 @@ def serve(
             max_delay_ms=max_delay_ms,
             max_queue=max_queue,
             max_upload_mb=max_upload_mb,
+            max_connections=max_connections,
             api_keys=read_api_keys(api_key_file) if api_key_file else (),
             ui=ui,
             cors_origins=tuple(cors_origin or ()),
             expose_paths=expose_paths,
+            max_image_pixels=max_image_pixels,
+            max_request_pixels=max_request_pixels,
         )
         logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
         logging.getLogger("mocoserve").setLevel(logging.INFO)
@@ -130,6 +232,7 @@ def serve(
             if server is not None:
                 server.should_exit = True
 
+        sockets = listen(host, port)
         service = create_app(config, on_fatal=fatal)
         server = uvicorn.Server(
             uvicorn.Config(
@@ -138,7 +241,14 @@ def serve(
                 port=port,
                 log_level="warning",
                 access_log=access_log,
-                limit_concurrency=max_connections,
+                # requests in flight are limited in the app (a JSON 503; /healthz exempt), not
+                # by uvicorn's limit_concurrency, which counts idle connections too
+                http=protocol_class(
+                    ConnectionLimits(
+                        idle_timeout, header_timeout, body_timeout, max_connections_per_client
+                    )
+                ),
+                timeout_keep_alive=idle_timeout,  # type: ignore[arg-type]  # takes a float
                 timeout_graceful_shutdown=10,
             )
         )
@@ -149,7 +259,7 @@ def serve(
             print("note: reachable from other machines (--host)", flush=True)
             if not config.api_keys:
                 print("note: no --api-key-file: anyone who can reach it can use it", flush=True)
-        server.run()  # a port in use: uvicorn says so in one line and exits 1
+        server.run(sockets=sockets)
         if failed:
             raise UserError(failed[0])
 

@@ -8,30 +8,38 @@ from typing import Annotated, Any
 import typer
 
 from mocoserve.commands.options import (
-    BatchSizeOpt,
     ConfigOpt,
     DeviceOpt,
-    EpochsOpt,
     OutOpt,
     QuietOpt,
     SeedOpt,
     WorkersOpt,
+    batch_size_opt,
     guarded,
 )
 
 app = typer.Typer()
 
+# The defaults shown are the config's (mocoserve/train/config.py and the method registry,
+# mocoserve/train/methods); None means "the config decides", so --config and --preset apply.
+# They are written out because importing the train package here would load torch for --help.
 DataArg = Annotated[
     Path, typer.Argument(help="Image folder: flat (unlabelled) or class/image (labelled).")
 ]
 ValOpt = Annotated[
     Path | None,
-    typer.Option("--val", help="Labelled folder (class/image) for the k-NN monitor / evaluation."),
+    typer.Option(
+        "--val",
+        help="Labelled folder (class/image) for the k-NN monitor: its accuracy every "
+        "--knn-every epochs and at the end.",
+    ),
 ]
 ResumeOpt = Annotated[
     str | None,
     typer.Option(
-        "--resume", help="'auto' (latest checkpoint in --out, if any) or a checkpoint path."
+        "--resume",
+        help="'auto' (latest checkpoint in --out, if any) or a checkpoint path.",
+        show_default="a new run",
     ),
 ]
 LrOpt = Annotated[
@@ -40,8 +48,13 @@ LrOpt = Annotated[
         "--lr",
         help="Learning rate at optim.lr_batch images per step (256), scaled linearly with "
         "the global batch.",
+        show_default="0.03; supcon 0.05; cifar 0.06",
     ),
 ]
+EpochsOpt = Annotated[
+    int | None, typer.Option("--epochs", help="Epochs to train for.", show_default="200")
+]
+BatchSizeOpt = batch_size_opt("256; cifar 512")
 SetOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -89,22 +102,44 @@ def train(
     data: DataArg,
     method: Annotated[
         str | None,
-        typer.Option("--method", help="moco-v1 | moco-v2 | supcon | supcon-queue | linear."),
+        typer.Option(
+            "--method",
+            help="moco-v1 | moco-v2 | supcon | supcon-queue | linear.",
+            show_default="moco-v2",
+        ),
     ] = None,
     arch: Annotated[
-        str | None, typer.Option("--arch", "-a", help="torchvision ResNet: resnet18, resnet50, ...")
+        str | None,
+        typer.Option(
+            "--arch",
+            "-a",
+            help="torchvision ResNet: resnet18, resnet50, ...",
+            show_default="resnet50; cifar resnet18",
+        ),
     ] = None,
     epochs: EpochsOpt = None,
     batch_size: BatchSizeOpt = None,
     out: OutOpt = Path("runs/train"),
     queue_size: Annotated[
-        int | None, typer.Option("--queue-size", "-K", help="Negatives in the queue.")
+        int | None,
+        typer.Option(
+            "--queue-size",
+            "-K",
+            help="Negatives in the queue.",
+            show_default="65536; supcon-queue 8192; cifar 4096",
+        ),
     ] = None,
     preset: Annotated[
-        str | None, typer.Option("--preset", help="'cifar': small-image recipe (32 px, 3x3 stem).")
+        str | None,
+        typer.Option(
+            "--preset", help="'cifar': small-image recipe (32 px, 3x3 stem).", show_default="none"
+        ),
     ] = None,
     bn_splits: Annotated[
-        int | None, typer.Option("--bn-splits", help="Split BatchNorm groups (one process).")
+        int | None,
+        typer.Option(
+            "--bn-splits", help="Split BatchNorm groups (one process).", show_default="1; cifar 8"
+        ),
     ] = None,
     val: ValOpt = None,
     resume: ResumeOpt = None,
@@ -115,30 +150,52 @@ def train(
     lr: LrOpt = None,
     temperature: Annotated[
         float | None,
-        typer.Option("--temperature", "-T", help="Softmax temperature of the contrastive loss."),
+        typer.Option(
+            "--temperature",
+            "-T",
+            help="Softmax temperature of the contrastive loss.",
+            show_default="0.2; moco-v1 and supcon 0.07",
+        ),
     ] = None,
     momentum: Annotated[
-        float | None, typer.Option("--moco-m", help="Momentum of the key encoder (0.999).")
+        float | None,
+        typer.Option(
+            "--moco-m", help="Momentum of the key encoder.", show_default="0.999; cifar 0.99"
+        ),
     ] = None,
-    dim: Annotated[int | None, typer.Option("--dim", help="Embedding dim of the head.")] = None,
-    image_size: Annotated[int | None, typer.Option("--image-size", help="Crop size in px.")] = None,
+    dim: Annotated[
+        int | None, typer.Option("--dim", help="Embedding dim of the head.", show_default="128")
+    ] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option("--image-size", help="Crop size in px.", show_default="224; cifar 32"),
+    ] = None,
     precision: Annotated[
-        str | None, typer.Option("--precision", help="CUDA: bf16 | fp16 | fp32.")
+        str | None,
+        typer.Option("--precision", help="CUDA: bf16 | fp16 | fp32.", show_default="bf16"),
     ] = None,
     compile_model: Annotated[
-        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the encoders.")
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile", help="torch.compile the encoders.", show_default="no-compile"
+        ),
     ] = None,
     contrast_mode: Annotated[
-        str | None, typer.Option("--contrast-mode", help="SupCon anchors: all | one.")
+        str | None,
+        typer.Option("--contrast-mode", help="SupCon anchors: all | one.", show_default="all"),
     ] = None,
     pretrained: Annotated[
         Path | None, typer.Option("--pretrained", help="Linear probe: pretraining checkpoint.")
     ] = None,
     save_every: Annotated[
-        int | None, typer.Option("--save-every", help="Keep a checkpoint every N epochs.")
+        int | None,
+        typer.Option("--save-every", help="Keep a checkpoint every N epochs.", show_default="10"),
     ] = None,
     knn_every: Annotated[
-        int | None, typer.Option("--knn-every", help="k-NN monitor every N epochs (with --val).")
+        int | None,
+        typer.Option(
+            "--knn-every", help="k-NN monitor every N epochs (with --val).", show_default="10"
+        ),
     ] = None,
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", help="Stop, with a checkpoint, after N steps.")
@@ -148,6 +205,7 @@ def train(
         typer.Option(
             "--gpu-augment/--cpu-augment",
             help="Colour jitter, grayscale and blur batched on the device; workers only crop.",
+            show_default="cpu-augment",
         ),
     ] = None,
     settings: SetOpt = None,
@@ -193,17 +251,43 @@ def train(
     guarded(work)
 
 
+# lincls trains on labels and reports the probe's own accuracy: its folders and defaults
+ProbeDataArg = Annotated[
+    Path, typer.Argument(help="Labelled image folder (class/image) to train the classifier on.")
+]
+ProbeValOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--val",
+        help="Labelled folder (class/image): the probe's top-1/top-5 every 10 epochs and at "
+        "the end.",
+    ),
+]
+ProbeEpochsOpt = Annotated[
+    int | None, typer.Option("--epochs", help="Epochs to train for.", show_default="100")
+]
+ProbeLrOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--lr",
+        help="Learning rate at optim.lr_batch images per step (256), scaled linearly with "
+        "the global batch.",
+        show_default="30",
+    ),
+]
+
+
 @app.command()
 def lincls(
-    data: DataArg,
+    data: ProbeDataArg,
     pretrained: Annotated[
         Path, typer.Option("--pretrained", help="Pretraining checkpoint whose backbone to probe.")
     ],
-    val: ValOpt = None,
-    epochs: EpochsOpt = None,
-    batch_size: BatchSizeOpt = None,
+    val: ProbeValOpt = None,
+    epochs: ProbeEpochsOpt = None,
+    batch_size: batch_size_opt("256") = None,
     out: OutOpt = Path("runs/lincls"),
-    lr: LrOpt = None,
+    lr: ProbeLrOpt = None,
     resume: ResumeOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,

@@ -1,8 +1,10 @@
-"""Writing files that must never be half-written, with the modes the user's umask asks for."""
+"""Writing files that must never be half-written, with the modes the user's umask asks for;
+file names as text for JSON and for a terminal."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -46,6 +48,31 @@ def replace_durably(source: str | os.PathLike, target: str | os.PathLike) -> Non
     fsync_dir(Path(target).parent)
 
 
-def shown(path: str | os.PathLike) -> str:
-    """A path fit to print: bytes that are not UTF-8 (surrogate escapes) as \\xNN."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+def path_text(path: str | os.PathLike) -> str:
+    """A path as UTF-8 text (JSON, parquet): each byte that is not UTF-8 as the text \\xNN.
+
+    Python holds such bytes of a POSIX name as surrogate escapes, which no UTF-8 encoder
+    accepts; UTF-8 names come back unchanged.
+    """
+    name = os.fspath(path)
+    if isinstance(name, str):
+        try:
+            name = name.encode("utf-8", "surrogateescape")  # as the store keeps it (db_path)
+        except UnicodeEncodeError:  # a surrogate that no file name yields
+            name = name.encode("utf-8", "backslashreplace")
+    return name.decode("utf-8", "backslashreplace")
+
+
+# C0, DEL, C1, and the bidirectional overrides and isolates (they reorder what follows)
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape_control(match: re.Match) -> str:
+    code = ord(match[0])
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def shown(text: str | os.PathLike) -> str:
+    """A path, label or message fit to print on a terminal: `path_text`, and control
+    characters (an escape sequence in a file name) as \\xNN or \\uNNNN, never raw."""
+    return _CONTROLS.sub(_escape_control, path_text(text))

@@ -17,6 +17,7 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 )
 # Decompression-bomb guard: PIL raises above twice this many pixels (about 180 MP here).
+# Serving and `embed` refuse at their own, lower limit first (`max_pixels`, TooManyPixels).
 Image.MAX_IMAGE_PIXELS = 89_478_485
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -62,12 +63,22 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")  # no copy of an RGBA image
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if img.mode != "RGB":
         return img.convert("RGB")
     return img
+
+
+class TooManyPixels(Image.DecompressionBombError):
+    """An image over an explicit pixel limit, found from its header before any decoding."""
+
+    def __init__(self, width: int, height: int, max_pixels: int) -> None:
+        super().__init__(
+            f"{width} x {height} = {width * height:,} pixels, over the limit of "
+            f"{max_pixels:,} per image"
+        )
 
 
 def load_rgb(path: str | os.PathLike | IO[bytes], draft_size: int | None = None) -> Image.Image:
@@ -79,21 +90,50 @@ def load_rgb(path: str | os.PathLike | IO[bytes], draft_size: int | None = None)
     return decode_image(path, draft_size)[0]
 
 
+def _check_and_draft(img: Image.Image, draft_size: int | None, max_pixels: int | None) -> None:
+    """Refuse an image over `max_pixels` (header size); set a JPEG's draft (lazy, no decode)."""
+    width, height = img.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise TooManyPixels(width, height, max_pixels)
+    if draft_size is not None and img.format == "JPEG":
+        scale = max(draft_size / min(width, height), 1e-9)
+        img.draft("RGB", (max(1, int(width * scale + 0.999)), max(1, int(height * scale + 0.999))))
+
+
+def header_pixels(
+    source: str | os.PathLike | IO[bytes],
+    draft_size: int | None = None,
+    max_pixels: int | None = None,
+) -> tuple[int, int]:
+    """(pixels in the image, pixels `decode_image` would decode) from the header alone.
+
+    The second is smaller for a JPEG that decodes in draft mode. Raises TooManyPixels
+    over `max_pixels`, and what Image.open raises for a file it cannot identify.
+    """
+    with Image.open(source) as img:
+        pixels = img.size[0] * img.size[1]
+        _check_and_draft(img, draft_size, max_pixels)
+        return pixels, img.size[0] * img.size[1]
+
+
 def decode_image(
-    source: str | os.PathLike | IO[bytes], draft_size: int | None = None
+    source: str | os.PathLike | IO[bytes],
+    draft_size: int | None = None,
+    max_pixels: int | None = None,
 ) -> tuple[Image.Image, tuple[int, int]]:
-    """`load_rgb`, plus the full-resolution (width, height) after EXIF orientation."""
+    """`load_rgb`, plus the full-resolution (width, height) after EXIF orientation.
+
+    `max_pixels`: refuse (TooManyPixels) an image with more pixels, before decoding it.
+    """
     with Image.open(source) as img:
         width, height = img.size
-        if draft_size is not None and img.format == "JPEG":
-            scale = max(draft_size / min(width, height), 1e-9)
-            img.draft(
-                "RGB", (max(1, int(width * scale + 0.999)), max(1, int(height * scale + 0.999)))
-            )
+        _check_and_draft(img, draft_size, max_pixels)
         img.seek(0)
         img.load()
         orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
         if orientation in (5, 6, 7, 8):  # a quarter turn swaps the sides
             width, height = height, width
-        img = ImageOps.exif_transpose(img)
+        if orientation != 1:  # exif_transpose copies even an upright image: 4 bytes a pixel
+            img = ImageOps.exif_transpose(img)
+        # leaving `with` closes only the file; the loaded pixels stay valid
         return _to_rgb(img), (width, height)

@@ -4,10 +4,12 @@
 
 Handlers are thin: they parse and check the request, decode images off the event loop,
 queue them for the `Batcher` (one model call for many requests) and search the current
-index in a thread. Middleware, outermost first: metrics and the last-resort error
-boundary, CORS (only with --cors-origin), API keys, the body-size limit, Gradio's file
-route guard. Every error is `{"error": {"code", "message"}}`; nothing from a request is
-ever used as a filesystem path (items are looked up by id).
+index, and build a search's answer, in a thread. Middleware, outermost first: metrics and
+the last-resort error boundary, the in-flight limit, CORS (only with --cors-origin), API
+keys, the body-size limit, Gradio's file route guard. Connections (idle, header and body
+deadlines, a cap per client address) are bounded below the app, in `connections.py`.
+Every error is `{"error": {"code", "message"}}`; nothing from a request is ever used as a
+filesystem path (items are looked up by id).
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import json
 import logging
 import mimetypes
 import os
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from email.message import Message
 from typing import Any
 from urllib.parse import quote
 
@@ -36,6 +40,7 @@ from fastapi import FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -43,10 +48,12 @@ from starlette.routing import Match
 
 from mocoserve import __version__
 from mocoserve.core.errors import UserError
+from mocoserve.core.files import path_text
 from mocoserve.core.images import IMAGE_EXTENSIONS
 from mocoserve.core.manifest import sha256_file
-from mocoserve.decode import Decoded, decode_bytes
+from mocoserve.decode import Decoded, Header, decode_bytes, read_header
 from mocoserve.service import schemas
+from mocoserve.service.admission import SMALL_DECODE_PIXELS, PixelBudget, return_large_frees
 from mocoserve.service.batching import Batcher, BatchStats, QueueFull
 from mocoserve.service.metrics import ServiceMetrics
 from mocoserve.service.middleware import (
@@ -54,14 +61,17 @@ from mocoserve.service.middleware import (
     ApiKeys,
     BodyLimit,
     Boundary,
+    InFlight,
     error_body,
     is_ui,
 )
-from mocoserve.service.state import Served, ServiceConfig, ServiceState
+from mocoserve.service.state import Served, ServiceConfig, ServiceState, reason
+from mocoserve.store import DamagedIndex
 
 log = logging.getLogger("mocoserve.serve")
 NPY = "application/x-npy"
 RAW_IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff"}
+FORM_OPTIONS = ("k", "label", "min_score")  # a search's fields in a multipart form, beside files
 
 
 class ApiError(Exception):
@@ -98,6 +108,13 @@ def create_app(
     state = state or ServiceState(config)
     metrics = ServiceMetrics()
     decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="mocoserve-decode")
+    # searches build their answers in Python: two threads keep the cores busy (the index
+    # lock serialises the searches themselves) without more threads taking the GIL from
+    # the event loop
+    search_pool = ThreadPoolExecutor(2, thread_name_prefix="mocoserve-search")
+    return_large_frees()
+    # large decodes: one thread always left to small images; one full-size image at a time
+    large_decodes = PixelBudget(config.max_image_pixels, max(1, config.decode_threads - 1))
     batcher = Batcher(
         lambda x: state.encoder.embed(x),  # type: ignore[union-attr]
         config.max_batch,
@@ -113,14 +130,16 @@ def create_app(
 
     state.on_swap.append(on_swap)
 
+    state.on_reload_error.append(lambda _message: metrics.reload_failures.inc())
+
     async def load_then_watch() -> None:
         try:
             await asyncio.to_thread(state.load)
-        except (UserError, OSError) as e:
+        except Exception as e:  # any error (a damaged database's too), said in one line
             if on_fatal is not None:
-                on_fatal(str(e))  # the CLI stops the server and says it in one line
+                on_fatal(reason(e))  # the CLI stops the server and says it in one line
             else:
-                log.error("cannot load: %s", e)
+                log.error("cannot load: %s", reason(e))
             return
         encoder = state.encoder
         if encoder is not None:
@@ -133,7 +152,10 @@ def create_app(
             )
         while config.index is not None:
             await asyncio.sleep(config.reload_seconds)
-            await asyncio.to_thread(state.reload_if_changed)
+            try:  # a reload records its own failures; this is for a bug: watching goes on
+                await asyncio.to_thread(state.reload_if_changed)
+            except Exception as e:
+                log.error("watching the index: %s", reason(e))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -145,8 +167,12 @@ def create_app(
             task.cancel()
             await batcher.stop()
             decode_pool.shutdown(wait=False, cancel_futures=True)
+            search_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(
+    # /docs and /redoc load Swagger UI and ReDoc from the package (under /docs/static), not
+    # from a CDN: they work on a machine without internet, behind the same API keys as the rest
+    app = FastAPIOffline(
+        static_url="/docs/static",
         title="mocoserve",
         version=__version__,
         summary="Image embeddings and similar-image search",
@@ -167,13 +193,20 @@ def create_app(
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
         return JSONResponse(error_body(code, str(e.detail)), e.status_code, headers=e.headers)
 
+    @app.exception_handler(DamagedIndex)
+    async def damaged(_request: Request, e: DamagedIndex) -> JSONResponse:
+        # the server's fault, not the client's: one log line, no server path in the answer
+        log.error("the index is damaged: %s", e)
+        message = hide_paths(f"the index is damaged: {e}", config)
+        return JSONResponse(error_body("index_damaged", message), 503, {"Retry-After": "60"})
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
         return JSONResponse(error_body("invalid_request", describe(e.errors())), 422)
 
     # helpers
     def ready() -> None:
-        if not state.ready and state.status != "reloading":
+        if not state.ready:
             raise ApiError(
                 503, state.status, f"the service is {state.status}", {"Retry-After": "5"}
             )
@@ -190,21 +223,40 @@ def create_app(
         encoder = state.encoder
         assert encoder is not None
         loop = asyncio.get_running_loop()
+        limit = config.max_image_pixels
+        datas = [b for b in blobs if isinstance(b, bytes)]
+        # headers first (lazy opens, in the pool: a PNG's text chunks may need inflating)
+        headers = await asyncio.gather(
+            *(
+                loop.run_in_executor(decode_pool, read_header, b, encoder.resize, limit)
+                for b in datas
+            )
+        )
+        total = sum(h.pixels for h in headers if h.error is None)
+        if total > config.max_request_pixels:
+            raise ApiError(
+                413,
+                "too_many_pixels",
+                f"this request's images hold {total / 1e6:.1f} MP together; at most "
+                f"{config.max_request_pixels / 1e6:.1f} MP per request",
+            )
 
         def timed(data: bytes) -> Decoded:
             started = time.perf_counter()
             try:
-                return decode_bytes(data, encoder.resize, encoder.input_size)
+                return decode_bytes(data, encoder.resize, encoder.input_size, max_pixels=limit)
             finally:
                 metrics.decode_seconds.observe(time.perf_counter() - started)
 
-        jobs = [
-            loop.run_in_executor(decode_pool, timed, b) if isinstance(b, bytes) else None
-            for b in blobs
-        ]
-        done = await asyncio.gather(*(j for j in jobs if j is not None))
-        it = iter(done)
-        return [next(it) if j is not None else b for j, b in zip(jobs, blobs, strict=True)]
+        async def decode(data: bytes, header: Header) -> Decoded:
+            if header.error is not None:  # refused from its header: nothing to decode
+                return Decoded("", len(data), 0, error=header.error, code=header.code)
+            if header.cost <= SMALL_DECODE_PIXELS:
+                return await loop.run_in_executor(decode_pool, timed, data)
+            return await large_decodes.run(decode_pool, timed, data, cost=header.cost)
+
+        done = iter(await asyncio.gather(*map(decode, datas, headers)))
+        return [next(done) if isinstance(b, bytes) else b for b in blobs]
 
     async def embed_blobs(
         blobs: list[bytes | schemas.ErrorDetail],
@@ -234,20 +286,14 @@ def create_app(
     async def read_query(request: Request, json_model: type) -> Query:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "multipart/form-data":
-            try:
-                form = await request.form(
-                    max_files=config.max_images + 1, max_fields=config.max_images + 16
-                )
-            except Exception as e:  # MultiPartException and friends: a malformed body
-                raise ApiError(400, "bad_request", f"cannot read the form: {e}") from None
-            files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-            fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
-            query = Query(blobs=[await f.read() for f in files])
-            if json_model is schemas.SearchRequest:
+            searching = json_model is schemas.SearchRequest
+            blobs, fields = await read_form(
+                request, config.max_images + 1, FORM_OPTIONS if searching else ()
+            )
+            query = Query(blobs=list(blobs))
+            if searching:
                 try:
-                    opts = schemas.SearchRequest(
-                        **{k: fields[k] for k in ("k", "label", "min_score") if k in fields}
-                    )
+                    opts = schemas.SearchRequest(**fields)
                 except ValidationError as e:
                     raise ApiError(422, "invalid_request", describe(e.errors())) from None
                 query.k, query.label, query.min_score = opts.k, opts.label, opts.min_score
@@ -281,18 +327,6 @@ def create_app(
             raise ApiError(413, "too_many", f"at most {most} images or queries per request")
         return query
 
-    def hit(h: Any) -> schemas.Hit:
-        return schemas.Hit(
-            id=h.id,
-            score=h.score,
-            label=h.label,
-            width=h.width,
-            height=h.height,
-            url=f"/v1/items/{h.id}/image",
-            is_query=h.is_query,
-            path=h.path if config.expose_paths else None,
-        )
-
     # routes
     @app.get("/healthz", response_model=schemas.Health, tags=["health"])
     async def healthz() -> schemas.Health:
@@ -301,7 +335,7 @@ def create_app(
 
     @app.get("/readyz", response_model=schemas.Health, tags=["health"])
     async def readyz() -> Any:
-        """Ready: the model and index are loaded (503 while loading or reloading)."""
+        """Ready: able to answer (503 while loading; 200 during a reload: the old index serves)."""
         if not state.ready:
             code = state.status
             return JSONResponse(error_body(code, f"the service is {code}"), 503)
@@ -357,53 +391,49 @@ def create_app(
         tags=["search"],
         openapi_extra=body_docs(schemas.SearchRequest),
     )
-    async def search(request: Request) -> schemas.SearchResponse:
-        """The k nearest indexed items to query images, vectors or indexed items' ids."""
+    async def search(request: Request) -> Response:
+        """The k nearest indexed items to query images, vectors or indexed items' ids.
+
+        At most `max_hits` (10,000) hits per request: k x the number of queries; more is a
+        422 `too_many_hits`, before any work is done.
+        """
         served = served_index()
         query = await read_query(request, schemas.SearchRequest)
         given = [x for x in (query.blobs, query.vectors, query.ids) if x]
         if len(given) != 1:
             raise ApiError(400, "bad_request", "give exactly one of images, vectors or ids")
-        index = served.index
-        if query.label is not None and query.label not in served_labels(served):
-            raise ApiError(400, "unknown_label", f"label {query.label!r} is not in the index")
+        asked = len(given[0]) * query.k
+        if asked > config.max_hits:
+            raise ApiError(
+                422,
+                "too_many_hits",
+                f"{len(given[0])} queries x k={query.k} asks for {asked} hits; at most "
+                f"{config.max_hits} per request: send fewer queries or a smaller k",
+            )
+        if query.label is not None:
+            labels = await asyncio.to_thread(served_labels, served)
+            if query.label not in labels:
+                raise ApiError(400, "unknown_label", f"label {query.label!r} is not in the index")
         errors: list[schemas.ErrorDetail | None] = []
+        rows: list[np.ndarray] | None = None  # None: the vectors of query.ids, read in the thread
         if query.blobs:
             embedded, errors = await embed_blobs(query.blobs)
             rows = [v for v in embedded if v is not None]
         elif query.vectors:
-            rows = [check_vector(v, index.dim) for v in query.vectors]
+            rows = [check_vector(v, served.index.dim) for v in query.vectors]
             errors = [None] * len(rows)
         else:
-            assert query.ids is not None
-            try:
-                with served.lock:
-                    rows = list(index.vectors_of(query.ids))
-            except UserError:
-                missing = [i for i in query.ids if i not in index.items([i])]
-                raise ApiError(404, "unknown_id", f"no item with id {missing[0]}") from None
-            errors = [None] * len(rows)
-        started = time.perf_counter()
-        found = await asyncio.to_thread(search_rows, served, rows, query.k, query.label)
-        metrics.search_seconds.observe(time.perf_counter() - started)
-        results, it = [], iter(found)
-        for position, error in enumerate(errors):
-            if error is not None:
-                results.append(schemas.QueryResult(query=position, hits=[], error=error))
-                continue
-            hits = next(it)
-            if query.ids:
-                own = query.ids[position]
-                hits = [h.__class__(**{**h.to_dict(), "is_query": h.id == own}) for h in hits]
-            if query.min_score is not None:
-                hits = [h for h in hits if h.score >= query.min_score]
-            results.append(schemas.QueryResult(query=position, hits=[hit(h) for h in hits]))
-        return schemas.SearchResponse(index_version=served.version, results=results)
+            errors = [None] * len(query.ids or [])
+        body, seconds = await asyncio.get_running_loop().run_in_executor(
+            search_pool, search_answer, served, query, rows, errors, config.expose_paths
+        )
+        metrics.search_seconds.observe(seconds)
+        return Response(body, media_type="application/json")
 
     @app.get("/v1/items/{item_id}", response_model=schemas.Item, tags=["items"])
-    async def item(item_id: int = PathParam(ge=0)) -> schemas.Item:
+    async def item(item_id: int = PathParam(ge=0, le=schemas.MAX_ID)) -> schemas.Item:
         """An indexed item's metadata, looked up by id."""
-        found = lookup(served_index(), item_id)
+        found = await asyncio.to_thread(lookup, served_index(), item_id)
         return schemas.Item(
             id=found.id,
             label=found.label,
@@ -412,13 +442,13 @@ def create_app(
             width=found.width,
             height=found.height,
             url=f"/v1/items/{found.id}/image",
-            path=found.path if config.expose_paths else None,
+            path=path_text(found.path) if config.expose_paths else None,
         )
 
     @app.get("/v1/items/{item_id}/image", tags=["items"], response_class=Response)
-    async def item_image(item_id: int = PathParam(ge=0)) -> Response:
+    async def item_image(item_id: int = PathParam(ge=0, le=schemas.MAX_ID)) -> Response:
         """The indexed file itself, by id: exactly the bytes that were embedded, or 404."""
-        found = lookup(served_index(), item_id)
+        found = await asyncio.to_thread(lookup, served_index(), item_id)
         data = await asyncio.to_thread(read_indexed, found.path, found.sha256)
         if data is None:
             raise ApiError(404, "gone", f"item {item_id}'s file changed or is gone since embed")
@@ -457,12 +487,11 @@ def create_app(
             "device": encoder.device,
         }
         if config.expose_paths:
-            model["path"] = str(encoder.path)
+            model["path"] = path_text(encoder.path)
         index: dict[str, Any] | None = None
         served = state.served
         if served is not None:
-            with served.lock:
-                facts = served.index.info()
+            facts, version = await asyncio.to_thread(index_facts, served)
             index = {
                 "items": facts["items"],
                 "dim": facts["dim"],
@@ -470,17 +499,19 @@ def create_app(
                 "nprobe": facts["nprobe"],
                 "labels": len(facts["labels"]),
                 "device": facts["search_device"],
-                "version": served.version,
+                "version": version,
                 "loaded_at": served.loaded_at,
-                "reload_error": state.reload_error,
+                "reload_error": hide_paths(state.reload_error, config),
             }
             if config.expose_paths:
-                index["path"] = facts["index"]
+                index["path"] = path_text(facts["index"])
         service = {
             "version": __version__,
             "max_batch": config.max_batch,
             "max_delay_ms": config.max_delay_ms,
             "max_queue": config.max_queue,
+            "max_hits": config.max_hits,
+            "max_connections": config.max_connections,
             "queued_images": batcher.waiting,
             "ui": bool(config.ui and config.index),
         }
@@ -519,6 +550,7 @@ def create_app(
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "Accept"],
         )
+    app.add_middleware(InFlight, limit=config.max_connections)
     app.add_middleware(Boundary, metrics=metrics, endpoint=endpoint)
     return app
 
@@ -578,15 +610,108 @@ def from_base64(text: str) -> bytes | schemas.ErrorDetail:
         return schemas.ErrorDetail(code="bad_base64", message="this image is not valid base64")
 
 
+class _Tail:
+    """An ASGI receive channel that remembers the last `keep` bytes of the body it passes."""
+
+    def __init__(self, receive: Callable[[], Any], keep: int) -> None:
+        self.receive, self.keep, self.last = receive, keep, b""
+
+    async def __call__(self) -> dict[str, Any]:
+        message = await self.receive()
+        if message["type"] == "http.request":
+            self.last = (self.last + message.get("body", b""))[-self.keep :]
+        return message
+
+
+async def read_form(
+    request: Request, max_files: int, options: tuple[str, ...]
+) -> tuple[list[bytes], dict[str, str]]:
+    """A multipart body's files and its `options` fields.
+
+    A form that cannot be parsed, or that ends before its closing boundary (the parser
+    keeps quiet about a body cut short: its last file would be lost or half-read), is a
+    400; a field the form cannot carry (ids or vectors: JSON only) is a 400 or 422.
+    """
+    header = Message()  # the stdlib's parser of header parameters (a quoted boundary too)
+    header["content-type"] = request.headers.get("content-type", "")
+    boundary = str(header.get_param("boundary") or "").encode("latin-1", "replace")
+    closing = b"--" + boundary + b"--"
+    tail = _Tail(request.receive, len(closing) + 64)  # room for the CRLF or a short epilogue
+    try:
+        form = await Request(request.scope, tail).form(
+            max_files=max_files, max_fields=max_files + 16
+        )
+    except Exception as e:  # MultiPartException and friends: a malformed body
+        raise ApiError(400, "bad_request", f"the multipart form could not be read: {e}") from None
+    try:
+        if boundary and closing not in tail.last:
+            raise ApiError(
+                400,
+                "bad_request",
+                "the multipart form could not be read: it ends before its closing boundary "
+                "(was the body cut short?)",
+            )
+        blobs, fields = [], {}
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                blobs.append(await value.read())
+            elif name in options:
+                fields[name] = value
+            elif name in ("ids", "vectors") and options:
+                raise ApiError(
+                    400,
+                    "bad_request",
+                    f"{name} go in a JSON body; a multipart form carries image files "
+                    f"(and {', '.join(options)})",
+                )
+            elif name == "images":
+                raise ApiError(422, "invalid_request", "images: send each image as a file part")
+            else:
+                takes = f"image files and {', '.join(options)}" if options else "image files"
+                raise ApiError(
+                    422, "invalid_request", f"{name}: not a field (the form takes {takes})"
+                )
+        return blobs, fields
+    finally:
+        await form.close()
+
+
+def hide_paths(message: str | None, config: ServiceConfig) -> str | None:
+    """An error message for a client without the server's paths (unless --expose-paths).
+
+    Names under the index's folder become relative to it (`out.faiss.shards/3/items.db`),
+    any other absolute path its last part.
+    """
+    if message is None or config.expose_paths:
+        return message
+    if config.index is not None:
+        folder = os.path.dirname(os.path.abspath(config.index))
+        message = message.replace(folder.rstrip(os.sep) + os.sep, "")
+    return _ABSOLUTE_PATH.sub(lambda m: os.path.basename(m[0].rstrip("/")) or "/", message)
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w./-])/[^\s'\",:;()\[\]]*")
+
+
 def check_vector(values: list[float], dim: int) -> np.ndarray:
-    vector = np.asarray(values, dtype=np.float32)
+    """A query vector as a float32 unit vector; a 400 if it has another size or no direction.
+
+    Normalised here in float64, scaled by its largest entry first: a vector of 1e-30s (or
+    1e30s) is a direction too, but its squared norm under- or overflows float32, where it
+    would score 0 against everything.
+    """
+    vector = np.asarray(values, dtype=np.float64)
     if vector.shape != (dim,):
         raise ApiError(
             400, "bad_vector", f"query vectors must have {dim} numbers, not {len(values)}"
         )
-    if not np.isfinite(vector).all() or not np.any(vector):
-        raise ApiError(400, "bad_vector", "a query vector must be finite and not all zeros")
-    return vector
+    largest = float(np.max(np.abs(vector)))  # NaN if any entry is
+    if not np.isfinite(largest) or largest == 0:
+        raise ApiError(
+            400, "bad_vector", "a query vector must be finite and not all zeros (normalisable)"
+        )
+    scaled = vector / largest
+    return (scaled / np.linalg.norm(scaled)).astype(np.float32)
 
 
 def search_rows(served: Served, rows: list[np.ndarray], k: int, label: str | None) -> list:
@@ -594,6 +719,75 @@ def search_rows(served: Served, rows: list[np.ndarray], k: int, label: str | Non
         return []
     with served.lock:
         return served.index.search_vectors(np.stack(rows), k, label)
+
+
+def search_answer(
+    served: Served,
+    query: Query,
+    rows: list[np.ndarray] | None,
+    errors: list[schemas.ErrorDetail | None],
+    expose_paths: bool,
+) -> tuple[bytes, float]:
+    """A search's JSON answer (`SearchResponse`) and the seconds the index search took.
+
+    Runs in a worker thread, from the search to the bytes: an answer of 10,000 hits is
+    megabytes of JSON, and building it on the event loop stalled every other request
+    (/healthz too). Plain dicts and orjson, not Pydantic: several times less CPU under
+    the GIL, which the loop shares.
+    """
+    index = served.index
+    if rows is None:  # by ids: their stored vectors
+        assert query.ids is not None
+        try:
+            with served.lock:
+                rows = list(index.vectors_of(query.ids))
+        except DamagedIndex:
+            raise
+        except UserError:
+            with served.lock:
+                missing = [i for i in query.ids if i not in index.items([i])] or query.ids
+            raise ApiError(404, "unknown_id", f"no item with id {missing[0]}") from None
+    started = time.perf_counter()
+    found = search_rows(served, rows, query.k, query.label)
+    seconds = time.perf_counter() - started
+    with served.lock:  # the index's SQLite connection is shared
+        version = served.version
+    results: list[dict[str, Any]] = []
+    it = iter(found)
+    for position, error in enumerate(errors):
+        if error is not None:
+            results.append({"query": position, "hits": [], "error": error.model_dump()})
+            continue
+        own = query.ids[position] if query.ids else None
+        hits = [
+            hit_fields(h, expose_paths, h.id == own if own is not None else h.is_query)
+            for h in next(it)
+            if query.min_score is None or h.score >= query.min_score
+        ]
+        results.append({"query": position, "hits": hits, "error": None})
+    return orjson.dumps({"index_version": version, "results": results}), seconds
+
+
+def hit_fields(h: Any, expose_paths: bool, is_query: bool) -> dict[str, Any]:
+    """One `schemas.Hit` as a dict, for orjson."""
+    fields = {
+        "id": h.id,
+        "score": h.score,
+        "label": h.label,
+        "width": h.width,
+        "height": h.height,
+        "url": f"/v1/items/{h.id}/image",
+        "is_query": is_query,
+    }
+    if expose_paths:
+        fields["path"] = path_text(h.path)  # not UTF-8: its bytes as \xNN
+    return fields
+
+
+def index_facts(served: Served) -> tuple[dict[str, Any], int]:
+    """The index's facts and version for /v1/info (SQLite reads, under the index's lock)."""
+    with served.lock:
+        return served.index.info(), served.version
 
 
 def served_labels(served: Served) -> set[str]:

@@ -58,6 +58,11 @@ class ServiceMetrics:
         self.index_version = Gauge(
             "mocoserve_index_version", "Saves of the loaded index (embed runs)", registry=r
         )
+        self.reload_failures = Counter(
+            "mocoserve_index_reload_failures",
+            "Reloads that failed (the loaded index kept serving; /v1/info says why)",
+            registry=r,
+        )
         self.model = Info("mocoserve_model", "The loaded model package", registry=r)
 
     def observe_batch(self, size: int, seconds: float) -> None:

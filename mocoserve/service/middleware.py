@@ -1,4 +1,5 @@
-"""The service's ASGI middleware: metrics and the error boundary, API keys, the body limit."""
+"""The service's ASGI middleware: metrics and the error boundary, the in-flight limit, API
+keys, the body limit."""
 
 from __future__ import annotations
 
@@ -44,7 +45,9 @@ class Boundary:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started, status = time.perf_counter(), [500]
+        # 499 (nginx's "client closed request") until an answer starts: a client that went
+        # away, or a connection closed at its body deadline, is not counted as a 500
+        started, status = time.perf_counter(), [499]
 
         async def send_counted(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -55,12 +58,39 @@ class Boundary:
             await self.app(scope, receive, send_counted)
         except Exception as e:  # a bug, not bad input: one line in the log, a plain 500
             log.error("%s %s failed: %s: %s", scope["method"], scope["path"], type(e).__name__, e)
-            if status[0] == 500:
+            if status[0] == 499:
+                status[0] = 500
                 await send_error(send, 500, "internal", "internal error")
         finally:
             endpoint = self.endpoint(scope)
             self.metrics.requests.labels(endpoint, str(status[0])).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+
+class InFlight:
+    """At most `limit` requests in the app at once; beyond, a JSON 503 with Retry-After.
+
+    The health checks are not counted and never refused: a busy service still answers its
+    liveness probe. Open connections are not counted here (uvicorn's `limit_concurrency`
+    counts them, so idle sockets could refuse everyone); `connections.py` bounds those.
+    """
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit, self.active = app, limit, 0
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path", "") in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            message = f"{self.limit} requests are in progress (--max-connections); try again"
+            await send_error(send, 503, "busy", message, [("retry-after", "1")])
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
 
 
 class ApiKeys:

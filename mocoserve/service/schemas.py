@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_K = 1000
+MAX_ID = 2**63 - 1  # ids are int64 (FAISS, SQLite): a larger one can name no item
+ItemId = Annotated[int, Field(ge=0, le=MAX_ID)]
 
 
 def _absent(value: object) -> bool:
@@ -48,10 +52,12 @@ class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     images: list[str] | None = None
     vectors: list[list[float]] | None = None
-    ids: list[int] | None = None
+    ids: list[ItemId] | None = None
     k: int = Field(10, ge=1, le=MAX_K)
     label: str | None = Field(None, description="only items with this label")
-    min_score: float | None = Field(None, ge=-1.0, le=1.0, description="drop hits below it")
+    min_score: float | None = Field(
+        None, ge=-1.0, le=1.0, allow_inf_nan=False, description="drop hits below it"
+    )
 
 
 class Hit(BaseModel):

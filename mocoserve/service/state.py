@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mocoserve.core.errors import UserError
-from mocoserve.decode import default_workers
+from mocoserve.decode import MAX_IMAGE_PIXELS, default_workers
 from mocoserve.model import PackageEncoder, load
 
 log = logging.getLogger("mocoserve.serve")
@@ -35,12 +35,16 @@ class ServiceConfig:
     max_queue: int = 1024  # images waiting for the model; more is a 503
     max_upload_mb: float = 20.0  # a request body; more is a 413
     max_images: int = 256  # per request
+    max_hits: int = 10_000  # k x queries of one search: bounds an answer's size; more is a 422
+    max_connections: int = 128  # requests in the app at once (health checks aside); more: 503
     api_keys: tuple[str, ...] = ()
     ui: bool = True
     cors_origins: tuple[str, ...] = ()
     expose_paths: bool = False
     reload_seconds: float = 1.0
     decode_threads: int = field(default_factory=lambda: max(2, default_workers()))
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # one image's (header); more: that image fails
+    max_request_pixels: int = 256_000_000  # a request's images together; more is a 413
 
     @property
     def max_body_bytes(self) -> int:
@@ -59,6 +63,15 @@ class Served:
     @property
     def version(self) -> int:
         return self.index.version
+
+
+RETRY_INTERVALS = 10  # a file that failed to load is tried again after 10 watch intervals,
+RETRY_MAX_S = 300.0  # then twice as long each time, up to 5 minutes (or at once if it changes)
+
+
+def reason(e: BaseException) -> str:
+    """One line for an error: ours say what happened; others (sqlite3's) also what kind."""
+    return str(e) if isinstance(e, (UserError, OSError)) else f"{type(e).__name__}: {e}"
 
 
 def file_signature(path: Path) -> tuple[int, int, int] | None:
@@ -81,10 +94,13 @@ class ServiceState:
         self.error: str | None = None
         self.reload_error: str | None = None
         self.on_swap: list[Any] = []  # called with (served) after each load and reload
+        self.on_reload_error: list[Any] = []  # called with (message) after each failed reload
+        self._failed: tuple[Any, float, float] | None = None  # (signature, retry at, pause)
 
     @property
     def ready(self) -> bool:
-        return self.status == "ready"
+        """Able to answer: loaded; a reload opens the next index while the current one serves."""
+        return self.status in ("ready", "reloading")
 
     def load(self) -> None:
         """Load the model and open the index (blocking; the service runs it in a thread)."""
@@ -101,8 +117,8 @@ class ServiceState:
                 encoder = index.encoder
                 self._swap(Served(index, signature, time.time()))
             self.encoder = encoder
-        except UserError as e:
-            self.status, self.error = "failed", str(e)
+        except Exception as e:
+            self.status, self.error = "failed", reason(e)
             raise
         self.status = "ready"
 
@@ -114,29 +130,61 @@ class ServiceState:
     def reload_if_changed(self) -> bool:
         """Open the index again if its file changed since it was loaded; True if swapped.
 
-        A reload that fails (an index rebuilt with another model, a damaged file) keeps the
-        old index serving and says why in /v1/info.
+        A reload that fails, whatever the error (an index rebuilt with another model, a
+        damaged file or database), keeps the old index serving, says why (the log,
+        /v1/info's reload_error, `on_reload_error`), and tries the same file again after a
+        pause that doubles each time; a new save is tried at once.
         """
-        import mocoserve.index
-
         current, c = self.served, self.config
         if current is None or c.index is None:
             return False
         signature = file_signature(c.index)
         if signature is None or signature == current.signature:
             return False
+        failed = self._failed
+        if failed is not None and failed[0] == signature and time.monotonic() < failed[1]:
+            return False
         self.status = "reloading"
         try:
-            index = mocoserve.index.open(c.index, c.model, c.device, readonly=True)
-            index.attach(self.encoder)  # the model loaded once: the index must be its index
+            index = self._open_index()
             self._swap(Served(index, signature, time.time()))
-            self.reload_error = None
-            log.info("reloaded %s: version %d, %d items", c.index, index.version, len(index))
-            return True
-        except (UserError, OSError) as e:
-            self.reload_error = str(e)
-            current.signature = signature  # do not retry the same file every second
-            log.warning("kept the loaded index: %s", e)
+        except Exception as e:  # the watcher outlives any error (sqlite3's are not ours)
+            self._reload_failed(signature, e)
             return False
         finally:
             self.status = "ready"
+        self._failed, self.reload_error = None, None
+        log.info("reloaded %s: version %d, %d items", c.index, index.version, len(index))
+        return True
+
+    def _open_index(self) -> Any:
+        import mocoserve.index
+
+        c = self.config
+        assert c.index is not None
+        index = mocoserve.index.open(c.index, c.model, c.device, readonly=True)
+        try:
+            index.attach(self.encoder)  # the model loaded once: the index must be its index
+        except BaseException:
+            index.close()  # refused: its files are not held open
+            raise
+        return index
+
+    def _reload_failed(self, signature: Any, e: Exception) -> None:
+        message = reason(e)
+        previous = self._failed
+        if previous is not None and previous[0] == signature:
+            pause = min(RETRY_MAX_S, previous[2] * 2)
+        else:
+            pause = min(RETRY_MAX_S, self.config.reload_seconds * RETRY_INTERVALS)
+        self._failed = (signature, time.monotonic() + pause, pause)
+        self.reload_error = message
+        version = self.served.version if self.served is not None else 0
+        log.warning(
+            "kept the loaded index (version %d): %s; trying this file again in %.0f s",
+            version,
+            message,
+            pause,
+        )
+        for callback in self.on_reload_error:
+            callback(message)
