@@ -62,6 +62,13 @@ def huge_png() -> bytes:
     return buffer.getvalue()
 
 
+ATTACKER_SOCKETS = 24  # per address: under serve's --max-connections-per-client (64)
+
+
+def attacker(i: int) -> str:
+    return f"127.0.0.{2 + i // ATTACKER_SOCKETS}"
+
+
 class Tally:
     """Requests, failures and latencies per kind of client."""
 
@@ -116,9 +123,8 @@ async def embed_client(http, url, payloads, tally, deadline, seed) -> None:
         )
 
 
-async def search_client(http, url, payloads, tally, deadline, seed) -> None:
+async def search_client(http, url, payloads, tally, deadline, seed, dim) -> None:
     rng = random.Random(seed)
-    dim = (await http.get(f"{url}/v1/info")).json()["model"]["dim"]
     while time.monotonic() < deadline:
         how = rng.choice(("image", "vector", "id"))
         if how == "image":
@@ -183,11 +189,13 @@ async def health_client(http, url, tally, deadline) -> None:
         await asyncio.sleep(0.25)
 
 
-async def idle_socket(port, closed, deadline) -> None:
+async def idle_socket(port, closed, deadline, source) -> None:
     """Connect, send nothing; when the server closes it, count it and connect again."""
     while time.monotonic() < deadline:
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, local_addr=(source, 0)
+            )
         except OSError:
             await asyncio.sleep(0.5)
             continue
@@ -201,11 +209,13 @@ async def idle_socket(port, closed, deadline) -> None:
             writer.close()
 
 
-async def slow_socket(port, closed, deadline) -> None:
+async def slow_socket(port, closed, deadline, source) -> None:
     """Slowloris: a request line, then one header line every 2 s, never the blank line."""
     while time.monotonic() < deadline:
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, local_addr=(source, 0)
+            )
             writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
             n = 0
             while time.monotonic() < deadline:
@@ -254,16 +264,22 @@ async def soak(url: str, port: int, payloads, png, args, tally, closed) -> None:
     deadline = time.monotonic() + args.seconds
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+        dim = (await http.get(f"{url}/v1/info")).json()["model"]["dim"]
         jobs = [embed_client(http, url, payloads, tally, deadline, i) for i in range(args.embeds)]
         jobs += [
-            search_client(http, url, payloads, tally, deadline, i) for i in range(args.searches)
+            search_client(http, url, payloads, tally, deadline, i, dim)
+            for i in range(args.searches)
         ]
         jobs += [
             large_client(http, url, png, tally, deadline),
             health_client(http, url, tally, deadline),
         ]
-        jobs += [idle_socket(port, closed, deadline) for _ in range(args.idle)]
-        jobs += [slow_socket(port, closed, deadline) for _ in range(args.slow)]
+        # the flood comes from other loopback addresses (127.0.0.2 on), ATTACKER_SOCKETS
+        # each; the clients above from 127.0.0.1, as an orchestrator's probes would
+        jobs += [idle_socket(port, closed, deadline, attacker(i)) for i in range(args.idle)]
+        jobs += [
+            slow_socket(port, closed, deadline, attacker(args.idle + i)) for i in range(args.slow)
+        ]
         await asyncio.gather(*jobs)
 
 

@@ -180,3 +180,42 @@ def test_train_to_a_file_logs_each_epoch_once(flat_dir, tmp_path):
     epochs = re.findall(r"^epoch (\d+)\s+step", result.output, re.MULTILINE)
     assert epochs == ["1", "2"], result.output
     assert "━" not in result.output and "epoch 1/2" not in result.output  # no bar copies
+
+
+def test_the_defaults_train_shows_are_the_configs():
+    """train's help states defaults by hand (importing the config would load torch for
+    --help): each must be what the config gives, plain and with the cifar preset."""
+    from mocoserve.train.config import build_config
+
+    fields = {
+        "--lr": "optim.lr",
+        "--epochs": "optim.epochs",
+        "--method": "method.name",
+        "--arch": "model.arch",
+        "--queue-size": "method.queue_size",
+        "--bn-splits": "model.bn_splits",
+        "--temperature": "method.temperature",
+        "--moco-m": "method.momentum",
+        "--dim": "model.dim",
+        "--image-size": "data.image_size",
+        "--precision": "run.precision",
+        "--save-every": "run.save_every",
+        "--knn-every": "run.knn_every",
+    }
+    plain, cifar = build_config(), build_config(preset="cifar")
+
+    def value(cfg, dotted: str) -> str:
+        section, name = dotted.split(".")
+        return str(getattr(getattr(cfg, section), name))
+
+    shown = {
+        next(o for o in p.opts if o.startswith("--")): p.show_default
+        for p in commands()["train"].params
+        if isinstance(p, TyperOption)
+    }
+    for option, dotted in fields.items():
+        parts = [part.strip() for part in str(shown[option]).split(";")]
+        assert parts[0] == value(plain, dotted), (option, shown[option])
+        for part in parts[1:]:
+            if part.startswith("cifar "):
+                assert part.removeprefix("cifar ") == value(cifar, dotted), (option, part)
