@@ -1,1 +1,1 @@
-"""The Gradio similar-image-search app, built on `mocoserve.index` (see search.py, ui.py)."""
+"""The Gradio similar-image-search app, built on `mocoserve.index.reader` (see search.py, ui.py)."""

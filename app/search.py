@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from mocoserve.core.errors import UserError
 from mocoserve.core.images import decode_image
-from mocoserve.index import Hit, ImageIndex
+from mocoserve.index.reader import Hit, ImageIndex
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_K = 100

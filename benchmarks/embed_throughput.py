@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.export_throughput import make_package
 from mocoserve import model as package_loader
-from mocoserve.decode import decode_file, default_workers
+from mocoserve.core.decode import decode_file, default_workers
 from mocoserve.export.package import embedding_model
 from mocoserve.train import checkpoint
 
@@ -78,7 +78,7 @@ def embed_in_fresh_process(root: Path, pkg: Path, index: Path, args: argparse.Na
     """
     code = (
         "import sys, time\n"
-        "from mocoserve.embed import embed_folders\n"
+        "from mocoserve.ingest.embed import embed_folders\n"
         "t = time.perf_counter()\n"
         f"s = embed_folders([{str(root)!r}], {str(pkg)!r}, {str(index)!r}, "
         f"batch_size={args.batch}, workers={args.workers})\n"

@@ -18,8 +18,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mocoserve import knn
-from mocoserve import vectors as vec
+from mocoserve.ann import knn
+from mocoserve.ann import vectors as vec
 
 
 def main() -> None:

@@ -4,8 +4,8 @@ For each N (default 1M and 5M clustered random 128-d vectors), in one run: exact
 the reference, then what the planner picks with no budget (IVF-Flat), with a budget of a
 third of Flat's bytes (IVF-SQ8), a quarter (OPQ + IVF-PQ, re-ranked from the stored
 vectors), and --on-disk (IVF-Flat lists in a memory-mapped file). Each is built, trained
-and tuned by `mocoserve.vectors.build` to recall@10 >= 0.95 on held-out queries, then
-measured on 1,000 fresh queries through `mocoserve.vectors.Searcher`: bytes, build time,
+and tuned by `mocoserve.ann.vectors.build` to recall@10 >= 0.95 on held-out queries, then
+measured on 1,000 fresh queries through `mocoserve.ann.vectors.Searcher`: bytes, build time,
 recall@10 against exact, queries/s and both as ratios to Flat. Where FAISS sees GPUs, the
 same searches run on all of them too.
 
@@ -26,8 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mocoserve import planner
-from mocoserve import vectors as vec
+from mocoserve.ann import planner
+from mocoserve.ann import vectors as vec
 
 
 def clustered(n: int, dim: int, seed: int, clusters: int = 1000) -> np.ndarray:

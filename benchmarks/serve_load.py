@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.embed_throughput import make_jpegs
 from benchmarks.export_throughput import make_package
 from mocoserve import model as package_loader
-from mocoserve.decode import decode_file
+from mocoserve.core.decode import decode_file
 
 
 def free_port() -> int:

@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mocoserve.sidecar import NewItem, Sidecar
-from mocoserve.store import Shard
+from mocoserve.index.formats import NewItem, Sidecar
+from mocoserve.index.store import Shard
 
 
 def items(worker: int, batch: int, rows: int, dim: int) -> list[NewItem]:

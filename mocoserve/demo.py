@@ -72,8 +72,8 @@ def run_demo(out: Path, epochs: int, seed: int = 0, workers: int = 2) -> DemoRes
 
     import torch
 
-    from mocoserve.embed import embed_folders
     from mocoserve.export.package import export_checkpoint
+    from mocoserve.ingest.embed import embed_folders
     from mocoserve.report import run_knn
     from mocoserve.train import checkpoint
     from mocoserve.train.config import build_config

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from mocoserve.core.errors import UserError
+from mocoserve.core.images import resize_crop
 from mocoserve.core.manifest import (
     BACKEND_FILES,
     ONNX_FP16_FILE,
@@ -100,20 +101,6 @@ class PackageEncoder:
                 f"expected N x 3 x {self.input_size} x {self.input_size}, got {batch.shape}"
             )
         return np.asarray(self._run(batch), dtype=np.float32)
-
-
-def resize_crop(image: Image.Image, resize: int, crop: int) -> Image.Image:
-    """Resize the shorter side to `resize` and centre-crop `crop` pixels, as torchvision does."""
-    image = image.convert("RGB") if image.mode != "RGB" else image
-    w, h = image.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_long = int(resize * long / short)  # torchvision's Resize(int) arithmetic
-    new_w, new_h = (resize, new_long) if w <= h else (new_long, resize)
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), Image.BILINEAR)
-    left = round((new_w - crop) / 2.0)  # torchvision's center_crop arithmetic
-    top = round((new_h - crop) / 2.0)
-    return image.crop((left, top, left + crop, top + crop))
 
 
 def to_input(pixels: np.ndarray) -> np.ndarray:

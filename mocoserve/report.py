@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from mocoserve import knn
+from mocoserve.ann import knn
 from mocoserve.core.errors import UserError
 from mocoserve.core.images import load_rgb
-from mocoserve.embed import embed_folders
-from mocoserve.store import open_store, sidecar_path
-from mocoserve.writer import model_fingerprint
+from mocoserve.index.store import open_store, sidecar_path
+from mocoserve.index.writer import model_fingerprint
+from mocoserve.ingest.embed import embed_folders
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mocoserve.store import open_store, shards_path
+from mocoserve.index.store import open_store, shards_path
 
 
 def rows(index_path: Path) -> dict[str, tuple]:

@@ -20,10 +20,10 @@ from gradio import utils as gradio_utils
 from gradio_client import Client, handle_file
 from PIL import Image
 
-import mocoserve.index
+import mocoserve.index.reader
 from mocoserve.app.search import MAX_K, Searcher, SearchError, check_k
 from mocoserve.app.ui import ANY_LABEL, build_app, launch_options
-from mocoserve.embed import embed_folders
+from mocoserve.ingest.embed import embed_folders
 from tests.imagegen import class_image, make_labelled
 from tests.procs import default_sigint
 
@@ -88,7 +88,7 @@ def indexed(tmp_path_factory, images, model_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def searcher(indexed) -> Searcher:
-    return Searcher(mocoserve.index.open(indexed))
+    return Searcher(mocoserve.index.reader.open(indexed))
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_hostile_arguments_are_sentences(searcher, images, tmp_path, model_dir):
     (tmp_path / "nothing").mkdir()
     (tmp_path / "nothing" / "notes.txt").write_text("no images here")
     embed_folders([tmp_path / "nothing"], model_dir, tmp_path / "empty.faiss", workers=0)
-    empty = mocoserve.index.open(tmp_path / "empty.faiss")
+    empty = mocoserve.index.reader.open(tmp_path / "empty.faiss")
     with pytest.raises(SearchError, match="empty"):
         Searcher(empty).search(str(big), 5)
 
@@ -454,7 +454,7 @@ def test_an_app_on_a_new_folder_layout(tmp_path, model_dir):
     root = make_labelled(tmp_path / "flat", classes=1, per_class=4)
     index = tmp_path / "flat.faiss"
     embed_folders([root], model_dir, index, workers=0)
-    searcher = Searcher(mocoserve.index.open(index))
+    searcher = Searcher(mocoserve.index.reader.open(index))
     assert searcher.labels == []
     query = sorted(root.rglob("*.png"))[0]
     assert searcher.search(str(query), 2)[0].name == query.name

@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mocoserve.cli import app
-from mocoserve.store import shards_path
+from mocoserve.index.store import shards_path
 from tests.imagegen import make_labelled
 
 

@@ -15,7 +15,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mocoserve.cli import app
-from mocoserve.decode import MAX_IMAGE_PIXELS, decode_bytes, decode_file, decode_files, read_header
+from mocoserve.core.decode import (
+    MAX_IMAGE_PIXELS,
+    decode_bytes,
+    decode_file,
+    decode_files,
+    read_header,
+)
 from mocoserve.export.package import export_checkpoint
 from mocoserve.service.admission import PixelBudget
 from tests.models import make_checkpoint

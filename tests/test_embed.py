@@ -1,4 +1,4 @@
-"""`mocoserve embed` / `search` and `mocoserve.index` end to end on generated folders."""
+"""`mocoserve embed` / `search` and `mocoserve.index.reader` end to end on generated folders."""
 
 import json
 import os
@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import mocoserve.index
-from mocoserve import vectors as vec
+import mocoserve.index.reader
+from mocoserve.ann import vectors as vec
 from mocoserve.cli import app
+from mocoserve.core.decode import decode_file
 from mocoserve.core.errors import UserError
-from mocoserve.decode import decode_file
-from mocoserve.embed import embed_folders
-from mocoserve.model import resize_crop
-from mocoserve.sidecar import NewItem, Sidecar
-from mocoserve.store import open_store
+from mocoserve.core.images import resize_crop
+from mocoserve.index.formats import NewItem, Sidecar
+from mocoserve.index.store import open_store
+from mocoserve.ingest.embed import embed_folders
 from tests.imagegen import class_image, exif_upright, make_awkward_files, make_labelled
 from tests.procs import default_sigint
 from tests.stores import committed, failures, rows
@@ -85,7 +85,7 @@ def test_exif_rotation_and_size_are_applied(tmp_path):
 def test_every_indexed_image_finds_itself_first(folder, tmp_path, model_dir):
     index = tmp_path / "out.faiss"
     assert embed(str(folder), "--index", str(index), "--model", str(model_dir)).exit_code == 0
-    idx = mocoserve.index.open(index)
+    idx = mocoserve.index.reader.open(index)
     files = sorted(str(p) for p in folder.rglob("*.*"))
     assert len(idx) == len(files) == 18
     for path, hits in zip(files, idx.search_images(files, k=3), strict=True):
@@ -149,7 +149,7 @@ def test_rerun_skips_and_follows_adds_changes_and_deletes(folder, tmp_path, mode
     for path in after:
         assert after[path][2] == scratch[path][2]
         assert np.allclose(after[path][3], scratch[path][3], atol=1e-5)
-    a, b = mocoserve.index.open(index), mocoserve.index.open(fresh)
+    a, b = mocoserve.index.reader.open(index), mocoserve.index.reader.open(fresh)
     q = np.stack([v[3] for v in scratch.values()])
     assert [[h.path for h in r] for r in a.search_vectors(q, 5)] == [
         [h.path for h in r] for r in b.search_vectors(q, 5)
@@ -159,7 +159,7 @@ def test_rerun_skips_and_follows_adds_changes_and_deletes(folder, tmp_path, mode
 def test_python_api_add_remove_len(folder, tmp_path, model_dir):
     index = tmp_path / "out.faiss"
     embed_folders([folder / "class_0"], model_dir, index, workers=0)
-    idx = mocoserve.index.open(index)
+    idx = mocoserve.index.reader.open(index)
     assert len(idx) == 6
     extra = sorted((folder / "class_1").iterdir())[:3]
     counts = idx.add(extra, labels=["one"] * 3)
@@ -169,14 +169,14 @@ def test_python_api_add_remove_len(folder, tmp_path, model_dir):
     assert idx.remove([extra[0], tmp_path / "never-indexed.png"]) == 1
     assert len(idx) == 8
     assert_agree(index)
-    reopened = mocoserve.index.open(index)
+    reopened = mocoserve.index.reader.open(index)
     assert len(reopened) == 8 and not reopened.repaired
     assert reopened.search_images([extra[0]], k=1)[0][0].path != str(extra[0])
 
 
 def test_crash_between_commit_and_index_write_is_repaired(folder, tmp_path, model_dir):
+    from mocoserve.index.writer import IndexWriter, ingest
     from mocoserve.model import load
-    from mocoserve.writer import IndexWriter, ingest
 
     index = tmp_path / "out.faiss"
     embed_folders([folder / "class_0"], model_dir, index, workers=0)
@@ -186,7 +186,7 @@ def test_crash_between_commit_and_index_write_is_repaired(folder, tmp_path, mode
         writer.prepare(encoder)
         writer.own(range(writer.shard_count))
         ingest(encoder, new, [None] * len(new), writer.commit, 4, 0)
-    reopened = mocoserve.index.open(index)
+    reopened = mocoserve.index.reader.open(index)
     assert reopened.repaired and len(reopened) == 12
     assert reopened.search_images([new[0]], k=1)[0][0].path == str(new[0])
     result = embed(str(folder / "class_2"), "--index", str(index))
@@ -194,7 +194,7 @@ def test_crash_between_commit_and_index_write_is_repaired(folder, tmp_path, mode
     assert_agree(index)
     # a damaged index file is rebuilt from the store
     index.write_bytes(b"not a faiss index")
-    assert mocoserve.index.open(index).repaired
+    assert mocoserve.index.reader.open(index).repaired
     assert embed(str(folder / "class_2"), "--index", str(index)).exit_code == 0
     assert_agree(index)
 
@@ -299,7 +299,7 @@ def test_model_mismatch_and_bad_input_are_clear_errors(folder, tmp_path, model_d
     bad_query = runner.invoke(app, ["search", str(index), str(not_image)])
     assert bad_query.exit_code == 2 and "not an image" in bad_query.output
     with pytest.raises(UserError, match="different model"):
-        mocoserve.index.open(index, model=other)
+        mocoserve.index.reader.open(index, model=other)
 
 
 @pytest.mark.parametrize(
@@ -316,7 +316,7 @@ def test_other_index_types_follow_changes(folder, tmp_path, model_dir, index_typ
     (folder / "class_2" / "img_000.jpg").unlink()
     assert "removed 1" in embed(str(folder), "--index", str(index)).output
     assert_agree(index)
-    idx = mocoserve.index.open(index)
+    idx = mocoserve.index.reader.open(index)
     files = sorted(str(p) for p in folder.rglob("*.*"))
     assert [h[0].path for h in idx.search_images(files, k=1)] == files
     idx.close()
@@ -324,7 +324,7 @@ def test_other_index_types_follow_changes(folder, tmp_path, model_dir, index_typ
     shutil.copy(original, copy)
     assert "embedded 1" in embed(str(folder), "--index", str(index)).output
     assert_agree(index)
-    idx = mocoserve.index.open(index)
+    idx = mocoserve.index.reader.open(index)
     found = {h.path for h in idx.search_images([copy], k=2)[0]}
     assert found == {str(original), str(copy)}  # the added copy and its twin, both exact
     if "--on-disk" in more:
@@ -376,7 +376,7 @@ def test_budget_target_and_on_disk_are_remembered_and_reported(folder, tmp_path,
     ):
         refused = runner.invoke(app, ["index", "build", str(index), *bad])
         assert refused.exit_code == 2 and words in refused.output, refused.output
-    idx = mocoserve.index.open(index)
+    idx = mocoserve.index.reader.open(index)
     files = sorted(str(p) for p in folder.rglob("*.*"))
     assert [h[0].path for h in idx.search_images(files, k=1)] == files
 
@@ -405,7 +405,7 @@ def test_sidecar_rows_under_is_a_case_sensitive_prefix(tmp_path):
 
 
 def test_shard_under_is_a_case_sensitive_prefix(tmp_path):
-    from mocoserve.store import Shard
+    from mocoserve.index.store import Shard
 
     shard = Shard(tmp_path / "s", 0, 1, 2, writer=True)  # format 2
     paths = ["/d/Val/a.png", "/d/val/b.png", "/d/val_x/c.png", "/d/val%/d.png"]

@@ -308,9 +308,9 @@ def test_10_a_file_name_that_is_not_utf8_is_stored_faithfully(tmp_path, model_di
     assert "embedded 0, skipped 4 (unchanged), failed 0, removed 0" in again.stdout
     found = run(["search", str(index), odd.decode("utf-8", "surrogateescape"), "-k", "1"])
     assert found.returncode == 0 and "bad\\xffname.png" in found.stdout, found.stderr
-    import mocoserve.index
+    import mocoserve.index.reader
 
-    paths = mocoserve.index.open(index).store.paths()
+    paths = mocoserve.index.reader.open(index).store.paths()
     assert odd in [os.fsencode(p) for p in paths]  # the exact bytes of the name
     os.unlink(odd)
     removed = run(args)
@@ -404,10 +404,10 @@ def test_search_for_a_label_the_index_lacks(tmp_path, labelled_dir, model_dir):
 
 
 def test_a_second_embed_on_the_same_index_is_refused(tmp_path, labelled_dir, model_dir):
-    import mocoserve.index
+    import mocoserve.index.reader
 
     index = tmp_path / "busy.faiss"
-    with mocoserve.index.writer_lock(index):  # as a running embed holds it
+    with mocoserve.index.reader.writer_lock(index):  # as a running embed holds it
         result = run(["embed", str(labelled_dir), "--index", str(index), "--model", str(model_dir)])
     assert_one_error(result, 2, "is being written by another process")
     assert not Path(f"{index}.db").exists()

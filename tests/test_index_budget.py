@@ -2,7 +2,7 @@
 
 The big runs go through subprocesses so that each one's peak RSS is its own: a store of
 clustered vectors is written the way embed writes it (IndexWriter commits), built by the
-writer, then searched by a fresh process through `mocoserve.index.open`.
+writer, then searched by a fresh process through `mocoserve.index.reader.open`.
 """
 
 from __future__ import annotations
@@ -17,19 +17,19 @@ import faiss
 import numpy as np
 import pytest
 
-from mocoserve import planner
-from mocoserve import vectors as vec
+from mocoserve.ann import planner
+from mocoserve.ann import vectors as vec
 from mocoserve.core.errors import UserError
-from mocoserve.store import ShardedStore
+from mocoserve.index.store import ShardedStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
 MAKE = """
 import sys, json
 import numpy as np
-from mocoserve.sidecar import NewItem
-from mocoserve.store import Catalog, sidecar_path
-from mocoserve.writer import IndexWriter
+from mocoserve.index.formats import NewItem
+from mocoserve.index.store import Catalog, sidecar_path
+from mocoserve.index.writer import IndexWriter
 index, n, dim, choice = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 catalog = Catalog(sidecar_path(index))
 if catalog.get_meta("dim") is None:
@@ -59,13 +59,13 @@ SEARCH = """
 import sys, json, resource
 import numpy as np
 import faiss
-import mocoserve.index
+import mocoserve.index.reader
 def rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 index_path, queries, out = sys.argv[1], sys.argv[2], sys.argv[3]
 q = np.load(queries)
 base = rss()  # the imports (faiss-gpu maps its CUDA libraries), measured apart
-idx = mocoserve.index.open(index_path, readonly=True)
+idx = mocoserve.index.reader.open(index_path, readonly=True)
 hits = idx.search_vectors(q, 10)
 ids = np.array([[h.id for h in row] + [-1] * (10 - len(row)) for row in hits])
 np.save(out, ids)
@@ -239,10 +239,10 @@ def test_on_disk_lists_answer_as_in_memory_with_less_rss_and_take_changes(tmp_pa
 def test_a_reader_of_on_disk_lists_that_lags_the_store_hides_and_adds(tmp_path, monkeypatch):
     """Between a writer's commits and its build, a reader never edits the mapped lists: the
     removed ids are hidden, the new ones searched beside them; the build then patches."""
-    import mocoserve.index
-    from mocoserve.sidecar import NewItem
-    from mocoserve.store import Catalog, sidecar_path
-    from mocoserve.writer import IndexWriter
+    import mocoserve.index.reader
+    from mocoserve.index.formats import NewItem
+    from mocoserve.index.store import Catalog, sidecar_path
+    from mocoserve.index.writer import IndexWriter
 
     index, n, dim = tmp_path / "lag.faiss", 6000, 32
     catalog = Catalog(sidecar_path(index))
@@ -262,7 +262,7 @@ def test_a_reader_of_on_disk_lists_that_lags_the_store_hides_and_adds(tmp_path, 
         w.remove_paths([f"/v/{i:05d}" for i in range(0, 100)])
         w.commit(items(range(n, n + 100)), [])  # committed, not built
         lists = sorted(p.name for p in tmp_path.glob("lag.faiss.lists-*"))
-        reader = mocoserve.index.open(index, readonly=True)
+        reader = mocoserve.index.reader.open(index, readonly=True)
         assert reader.repaired and vec.on_disk(reader.index)
         hits = reader.search_vectors(x[:100], k=1)
         assert all(not row or row[0].path != f"/v/{i:05d}" for i, row in enumerate(hits))
@@ -271,8 +271,8 @@ def test_a_reader_of_on_disk_lists_that_lags_the_store_hides_and_adds(tmp_path, 
         assert sorted(p.name for p in tmp_path.glob("lag.faiss.lists-*")) == lists  # untouched
         # more new vectors than a reader holds beside the lists: they wait for the build,
         # and the reader still opens and searches (removed ids still hidden)
-        monkeypatch.setattr(mocoserve.index, "EXTRA_LIMIT", 50)
-        limited = mocoserve.index.open(index, readonly=True)
+        monkeypatch.setattr(mocoserve.index.reader, "EXTRA_LIMIT", 50)
+        limited = mocoserve.index.reader.open(index, readonly=True)
         hits = limited.search_vectors(x[:100], k=1)
         assert all(not row or row[0].path != f"/v/{i:05d}" for i, row in enumerate(hits))
         new = {f"/v/{i:05d}" for i in range(n, n + 100)}
@@ -280,7 +280,7 @@ def test_a_reader_of_on_disk_lists_that_lags_the_store_hides_and_adds(tmp_path, 
         limited.close()
         w.build()
     reader.close()
-    after = mocoserve.index.open(index, readonly=True)
+    after = mocoserve.index.reader.open(index, readonly=True)
     assert not after.repaired and after.index.ntotal == n
     found = after.search_vectors(x[n : n + 100], k=1)
     assert [row[0].path for row in found] == [f"/v/{i:05d}" for i in range(n, n + 100)]

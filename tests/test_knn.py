@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from mocoserve import knn
-from mocoserve import vectors as vec
+from mocoserve.ann import knn
+from mocoserve.ann import vectors as vec
 from mocoserve.cli import app
 from tests.imagegen import class_image, make_labelled
 

@@ -17,15 +17,15 @@ import httpx
 import numpy as np
 import pytest
 
-import mocoserve.index
+import mocoserve.index.reader
+from mocoserve.ann.planner import IndexChoice
 from mocoserve.core.errors import UserError
+from mocoserve.index.formats import NewItem
+from mocoserve.index.store import shards_path
+from mocoserve.index.writer import IndexWriter
 from mocoserve.model import load
-from mocoserve.planner import IndexChoice
 from mocoserve.service.app import create_app
 from mocoserve.service.state import ServiceConfig, ServiceState
-from mocoserve.sidecar import NewItem
-from mocoserve.store import shards_path
-from mocoserve.writer import IndexWriter
 from tests.models import make_checkpoint
 from tests.test_service import Server
 
@@ -244,9 +244,9 @@ def test_reloads_leave_no_files_of_old_versions_open(tmp_path, encoder):
 def test_a_kept_reader_does_not_see_rows_a_writer_adds_after_it_loaded(tmp_path, encoder):
     index = tmp_path / "out.faiss"
     write(index, encoder, unit_vectors(20, seed=1), labels=["cat"] * 20)
-    reader = mocoserve.index.open(index, readonly=True)
+    reader = mocoserve.index.reader.open(index, readonly=True)
     write(index, encoder, unit_vectors(5, seed=2), "b", labels=["dog"] * 5, build=False)
-    newest = max(mocoserve.index.open(index).ids())
+    newest = max(mocoserve.index.reader.open(index).ids())
     assert len(reader) == 20 and reader.items([int(newest)]) == {}
     assert reader.labels() == ["cat"] and len(reader.ids()) == 20
     assert reader.search_vectors(unit_vectors(5, seed=2), 3, label="dog") == [[]] * 5
@@ -288,7 +288,7 @@ def test_removed_items_are_searched_past_until_the_next_build(tmp_path, encoder,
     vectors = unit_vectors(200, seed=1)
     labels = ["even" if i % 2 == 0 else "odd" for i in range(200)]
     paths = write(index, encoder, vectors, labels=labels, choice=KINDS[kind])
-    reader = mocoserve.index.open(index, readonly=True)
+    reader = mocoserve.index.reader.open(index, readonly=True)
     query = vectors[:1]
     nearest = np.argsort(-(vectors @ query[0]))
     gone = [paths[i] for i in nearest[:40]]  # the query's whole neighbourhood

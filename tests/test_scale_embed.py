@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import mocoserve.index
-from mocoserve import vectors as vec
-from mocoserve.sidecar import NewItem, Sidecar
-from mocoserve.store import Shard, ShardedStore, open_store, shard_of, shards_path
+import mocoserve.index.reader
+from mocoserve.ann import vectors as vec
+from mocoserve.index.formats import NewItem, Sidecar
+from mocoserve.index.store import Shard, ShardedStore, open_store, shard_of, shards_path
 from tests.imagegen import class_image, make_labelled
 from tests.stores import committed, rows
 
@@ -52,7 +52,7 @@ def assert_same_index(a: Path, b: Path) -> None:
         assert ra[path][1:3] == rb[path][1:3], path  # label, sha256
         va, vb = ra[path][3], rb[path][3]
         assert float(va @ vb) >= 0.9999, path
-    ia, ib = mocoserve.index.open(a), mocoserve.index.open(b)
+    ia, ib = mocoserve.index.reader.open(a), mocoserve.index.reader.open(b)
     queries = np.stack([v[3] for v in ra.values()])
     paths = lambda idx: [[h.path for h in hits] for hits in idx.search_vectors(queries, 5)]  # noqa: E731
     assert paths(ia) == paths(ib)
@@ -204,9 +204,9 @@ def environ(pid: int) -> dict[str, str]:
 
 def make_format_1_index(index: Path, model_dir: Path, folder: Path) -> None:
     """An index as mocoserve wrote them before sharding: every vector inside the sidecar."""
-    from mocoserve.decode import decode_file
+    from mocoserve.core.decode import decode_file
+    from mocoserve.index.writer import model_fingerprint
     from mocoserve.model import load, to_input
-    from mocoserve.writer import model_fingerprint
 
     encoder = load(model_dir)
     sidecar = Sidecar(Path(f"{index}.db"))
@@ -239,14 +239,14 @@ def make_format_1_index(index: Path, model_dir: Path, folder: Path) -> None:
 def test_a_format_1_index_searches_and_migrates_without_re_embedding(tmp_path, images, model_dir):
     index = tmp_path / "old.faiss"
     make_format_1_index(index, model_dir, images)
-    old = mocoserve.index.open(index)
+    old = mocoserve.index.reader.open(index)
     assert old.format == 1 and len(old) == 29
     query = sorted(images.rglob("*.png"))[4]
     before = [(h.id, h.path) for h in old.search_images([query], k=5)[0]]
     old_rows = rows(index)
     migrated = cli("index", "migrate", str(index))
     assert migrated.returncode == 0 and "moved 29 items" in migrated.stdout, migrated.stderr
-    new = mocoserve.index.open(index)
+    new = mocoserve.index.reader.open(index)
     assert new.format == 2
     assert [(h.id, h.path) for h in new.search_images([query], k=5)[0]] == before  # same ids
     new_rows = rows(index)
@@ -272,7 +272,7 @@ def test_embed_on_a_format_1_index_migrates_it_first(tmp_path, images, model_dir
     assert result.returncode == 0, result.stderr
     assert "note: moved 29 items to the sharded layout (no re-embedding)" in result.stdout
     assert "embedded 1, skipped 29" in result.stdout  # the one removed before, back again
-    assert mocoserve.index.open(index).format == 2
+    assert mocoserve.index.reader.open(index).format == 2
 
 
 @pytest.mark.parametrize("fmt", ["npy", "parquet"])
@@ -312,7 +312,8 @@ def test_a_float16_store_halves_the_disk_and_keeps_search_quality(
     q = np.stack([v[3] for v in a.values()])
 
     def top(path: Path) -> list[list[str]]:
-        return [[h.path for h in r] for r in mocoserve.index.open(path).search_vectors(q, 10)]
+        found = mocoserve.index.reader.open(path).search_vectors(q, 10)
+        return [[h.path for h in r] for r in found]
 
     ta, tb = top(reference), top(index)
     recall = np.mean([len(set(x) & set(y)) / 10 for x, y in zip(ta, tb, strict=True)])
@@ -348,9 +349,9 @@ def test_a_torn_tail_is_truncated_and_a_lost_write_is_re_embedded(tmp_path):
 SCALE_SCRIPT = """
 import os, sys, time, resource
 import numpy as np
-from mocoserve.sidecar import NewItem
-from mocoserve.writer import IndexWriter
-from mocoserve.store import Catalog, sidecar_path, shard_of
+from mocoserve.index.formats import NewItem
+from mocoserve.index.writer import IndexWriter
+from mocoserve.index.store import Catalog, sidecar_path, shard_of
 # what the imports alone hold (faiss-gpu maps its CUDA libraries): the work is measured above
 print("baseline_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, flush=True)
 index, n, dim, start = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])

@@ -18,9 +18,9 @@ import pytest
 from typer.testing import CliRunner
 
 from mocoserve.cli import app
-from mocoserve.sidecar import NewItem
-from mocoserve.store import Catalog, sidecar_path
-from mocoserve.writer import IndexWriter
+from mocoserve.index.formats import NewItem
+from mocoserve.index.store import Catalog, sidecar_path
+from mocoserve.index.writer import IndexWriter
 from tests.imagegen import class_image
 from tests.test_service import Server
 

@@ -4,8 +4,8 @@ import faiss
 import numpy as np
 import pytest
 
-from mocoserve import planner
-from mocoserve import vectors as vec
+from mocoserve.ann import planner
+from mocoserve.ann import vectors as vec
 from mocoserve.core.errors import UserError
 
 

@@ -40,7 +40,7 @@ def app_command(
     def work() -> None:
         import logging
 
-        import mocoserve.index
+        import mocoserve.index.reader
         from mocoserve.app.search import Searcher
         from mocoserve.app.ui import build_app, launch_options
 
@@ -53,7 +53,9 @@ def app_command(
             if not sep or not user or not password:
                 raise UserError("--auth must be user:password")
             credentials = (user, password)
-        idx = mocoserve.index.open(index, model=model, device=device or "auto", readonly=True)
+        idx = mocoserve.index.reader.open(
+            index, model=model, device=device or "auto", readonly=True
+        )
         searcher = Searcher(idx, int(max_upload_mb * 2**20))
         blocks = build_app(searcher)
         blocks.queue(default_concurrency_limit=concurrency, max_size=256)

@@ -137,7 +137,7 @@ def embed(
     """
 
     def work() -> int:
-        from mocoserve.embed import embed_folders, parse_shard
+        from mocoserve.ingest.embed import embed_folders, parse_shard
 
         check_loading(batch_size, workers)
 
@@ -282,9 +282,11 @@ def search(
     """Print the indexed images nearest to each query image, with cosine scores."""
 
     def work() -> None:
-        import mocoserve.index
+        import mocoserve.index.reader
 
-        idx = mocoserve.index.open(index, model=model, device=device or "auto", readonly=True)
+        idx = mocoserve.index.reader.open(
+            index, model=model, device=device or "auto", readonly=True
+        )
         for q in queries:
             if not q.is_file():
                 raise UserError(f"{q} is not a file")
@@ -366,10 +368,10 @@ def build(
     """
 
     def work() -> None:
-        from mocoserve.dbfile import format_version
-        from mocoserve.planner import IndexChoice, parse_size
-        from mocoserve.store import catalog_damage, migrate, sidecar_path
-        from mocoserve.writer import IndexWriter, shards_done
+        from mocoserve.ann.planner import IndexChoice, parse_size
+        from mocoserve.index.dbfile import format_version
+        from mocoserve.index.store import catalog_damage, migrate, sidecar_path
+        from mocoserve.index.writer import IndexWriter, shards_done
 
         if format_version(sidecar_path(index)) is None:
             damage = catalog_damage(index)
@@ -403,11 +405,11 @@ def info_command(
     tuned, where it searches (GPUs)."""
 
     def work() -> None:
-        import mocoserve.index
-        from mocoserve.planner import show_size
-        from mocoserve.store import ShardedStore
+        import mocoserve.index.reader
+        from mocoserve.ann.planner import show_size
+        from mocoserve.index.store import ShardedStore
 
-        idx = mocoserve.index.open(index, device=device or "auto", readonly=True)
+        idx = mocoserve.index.reader.open(index, device=device or "auto", readonly=True)
         try:
             if isinstance(idx.store, ShardedStore):
                 idx.store.verify()  # what it reports is what the files hold, or it says not
@@ -459,7 +461,7 @@ def check_command(index: IndexArg) -> None:
     """
 
     def work() -> int:
-        from mocoserve.integrity import check_index
+        from mocoserve.index.check import check_index
 
         report = check_index(index)
         console = Console(soft_wrap=True)
@@ -487,9 +489,9 @@ def migrate_command(index: IndexArg) -> None:
     """Move a format-1 index (vectors inside SQLite) to the sharded layout, keeping its ids."""
 
     def work() -> None:
-        from mocoserve.dbfile import format_version
-        from mocoserve.store import FORMAT_VERSION, migrate, sidecar_path
-        from mocoserve.writer import IndexWriter
+        from mocoserve.index.dbfile import format_version
+        from mocoserve.index.store import FORMAT_VERSION, migrate, sidecar_path
+        from mocoserve.index.writer import IndexWriter
 
         version = format_version(sidecar_path(index))
         if version is None:
@@ -518,7 +520,7 @@ def export_command(
     """Write embeddings and metadata as autofaiss and clip-retrieval read them."""
 
     def work() -> None:
-        from mocoserve.interchange import export_index
+        from mocoserve.index.export import export_index
 
         if not Path(f"{index}.db").is_file():
             raise UserError(f"{index} is not an index (no {index}.db); make one with embed")

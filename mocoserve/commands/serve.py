@@ -11,8 +11,8 @@ from typing import Annotated
 import typer
 
 from mocoserve.commands.options import DeviceOpt, guarded
+from mocoserve.core.decode import MAX_IMAGE_PIXELS
 from mocoserve.core.errors import RunError, UserError
-from mocoserve.decode import MAX_IMAGE_PIXELS
 
 app = typer.Typer()
 

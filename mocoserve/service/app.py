@@ -47,11 +47,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from mocoserve import __version__
+from mocoserve.core.decode import Decoded, Header, decode_bytes, read_header
 from mocoserve.core.errors import UserError
 from mocoserve.core.files import path_text
 from mocoserve.core.images import IMAGE_EXTENSIONS
 from mocoserve.core.manifest import sha256_file
-from mocoserve.decode import Decoded, Header, decode_bytes, read_header
+from mocoserve.index.store import DamagedIndex
 from mocoserve.service import schemas
 from mocoserve.service.admission import SMALL_DECODE_PIXELS, PixelBudget, return_large_frees
 from mocoserve.service.batching import Batcher, BatchStats, QueueFull
@@ -66,7 +67,6 @@ from mocoserve.service.middleware import (
     is_ui,
 )
 from mocoserve.service.state import Served, ServiceConfig, ServiceState, reason
-from mocoserve.store import DamagedIndex
 
 log = logging.getLogger("mocoserve.serve")
 NPY = "application/x-npy"

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mocoserve.core.decode import MAX_IMAGE_PIXELS, default_workers
 from mocoserve.core.errors import UserError
-from mocoserve.decode import MAX_IMAGE_PIXELS, default_workers
 from mocoserve.model import PackageEncoder, load
 
 log = logging.getLogger("mocoserve.serve")
@@ -55,7 +55,7 @@ class ServiceConfig:
 class Served:
     """One loaded index and the lock its SQLite connection and FAISS index share."""
 
-    index: Any  # mocoserve.index.ImageIndex
+    index: Any  # mocoserve.index.reader.ImageIndex
     signature: tuple[int, int, int] | None
     loaded_at: float
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -104,14 +104,14 @@ class ServiceState:
 
     def load(self) -> None:
         """Load the model and open the index (blocking; the service runs it in a thread)."""
-        import mocoserve.index
+        import mocoserve.index.reader
 
         c = self.config
         try:
             encoder = load(c.model, device=c.device) if c.model is not None else None
             if c.index is not None:
                 signature = file_signature(c.index)
-                index = mocoserve.index.open(c.index, c.model, c.device, readonly=True)
+                index = mocoserve.index.reader.open(c.index, c.model, c.device, readonly=True)
                 if encoder is not None:
                     index.attach(encoder)
                 encoder = index.encoder
@@ -158,11 +158,11 @@ class ServiceState:
         return True
 
     def _open_index(self) -> Any:
-        import mocoserve.index
+        import mocoserve.index.reader
 
         c = self.config
         assert c.index is not None
-        index = mocoserve.index.open(c.index, c.model, c.device, readonly=True)
+        index = mocoserve.index.reader.open(c.index, c.model, c.device, readonly=True)
         try:
             index.attach(self.encoder)  # the model loaded once: the index must be its index
         except BaseException:

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mocoserve.core.errors import UserError
-from mocoserve.dbfile import format_version
-from mocoserve.sidecar import Sidecar
-from mocoserve.store import (
+from mocoserve.index.dbfile import format_version
+from mocoserve.index.formats import Sidecar
+from mocoserve.index.store import (
     DTYPES,
     FORMAT_VERSION,
     Catalog,
@@ -180,7 +180,7 @@ def _check_shard(folder: Path, s: int, n: int, meta: dict[str, str], report: Che
 
 def _check_faiss(index_path: Path, meta: dict[str, str], report: CheckReport) -> None:
     """The FAISS file is derived (readers patch or rebuild it in memory): told apart."""
-    from mocoserve import vectors as vec
+    from mocoserve.ann import vectors as vec
 
     dim, built = int(meta.get("dim") or 0), int(meta.get("version") or 0)
     if not dim or not built:

@@ -21,14 +21,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mocoserve import vectors as vec
+from mocoserve.ann import vectors as vec
+from mocoserve.ann.planner import FLAT_LIMIT, IndexChoice, show_size
+from mocoserve.core.decode import Decoded, decode_files
 from mocoserve.core.errors import UserError
-from mocoserve.dbfile import format_version
-from mocoserve.decode import Decoded, decode_files
-from mocoserve.model import PackageEncoder, to_input
-from mocoserve.planner import FLAT_LIMIT, IndexChoice, show_size
-from mocoserve.sidecar import NewItem
-from mocoserve.store import (
+from mocoserve.index.dbfile import format_version
+from mocoserve.index.formats import NewItem
+from mocoserve.index.store import (
     DTYPES,
     FORMAT_VERSION,
     Catalog,
@@ -45,6 +44,7 @@ from mocoserve.store import (
     shards_path,
     sidecar_path,
 )
+from mocoserve.model import PackageEncoder, to_input
 
 ProgressFn = Callable[[int], None]
 
@@ -409,14 +409,14 @@ class IndexWriter:
         `verify` reads every vector against its checksum first (`index build`); otherwise
         the blocks the build reads are checked as they are read.
 
-        The index type is `mocoserve.planner`'s choice for the store's size, the index's
+        The index type is `mocoserve.ann.planner`'s choice for the store's size, the index's
         remembered --index-type, --max-index-memory and --on-disk. It is rebuilt (trained
         and tuned anew) when missing, of another kind, moved to or from disk, or when the
         count drifted 10% from the last training; otherwise patched: in memory by id, on
         disk into a new lists file (readers keep the old one until they reopen). Search is
         re-tuned when the recall target changes.
         """
-        from mocoserve.index import build_faiss, load_faiss, same_kind
+        from mocoserve.index.reader import build_faiss, load_faiss, same_kind
 
         if not self.locked:
             raise RuntimeError("building needs the index's writer lock")

@@ -42,8 +42,8 @@ import numpy as np
 
 from mocoserve.core.errors import UserError
 from mocoserve.core.files import fsync_dir
-from mocoserve.dbfile import DbFile, format_version
-from mocoserve.sidecar import Item, NewItem, Sidecar, db_path, py_path
+from mocoserve.index.dbfile import DbFile, format_version
+from mocoserve.index.formats import Item, NewItem, Sidecar, db_path, py_path
 
 FORMAT_VERSION = 2
 DTYPES = {"float32": "f32", "float16": "f16"}

@@ -21,15 +21,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mocoserve.cluster import Group
+from mocoserve.ann.planner import FLAT_LIMIT, IndexChoice, parse_size
+from mocoserve.core.cluster import Group
+from mocoserve.core.decode import default_workers
 from mocoserve.core.errors import RunError, UserError
 from mocoserve.core.files import path_text
 from mocoserve.core.images import iter_image_files
-from mocoserve.decode import default_workers
+from mocoserve.index.store import ShardedStore, open_store, shard_of, sidecar_path
+from mocoserve.index.writer import IndexWriter, describe_build, ingest, shards_done
 from mocoserve.model import load
-from mocoserve.planner import FLAT_LIMIT, IndexChoice, parse_size
-from mocoserve.store import ShardedStore, open_store, shard_of, sidecar_path
-from mocoserve.writer import IndexWriter, describe_build, ingest, shards_done
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The format-1 sidecar (`out.faiss.db`): one row per embedded image, its vector too.
 
-Indexes made before the sharded layout (`mocoserve.store`, format 2) keep everything here;
+Indexes made before the sharded layout (`mocoserve.index.store`, format 2) keep everything here;
 they still open and search through this class, and `mocoserve index migrate` (or the
 next `embed`) moves them to format 2 without re-embedding. `Item`, `NewItem`, `db_path`
 and `py_path` are shared by both formats.
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mocoserve.core.errors import UserError
-from mocoserve.dbfile import DbFile
+from mocoserve.index.dbfile import DbFile
 
 SIDECAR_FORMAT_VERSION = 1
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mocoserve import vectors as vec
+from mocoserve.ann import vectors as vec
 
 PRESETS: dict[str, dict] = {
     "dino": {"k": 20, "temperature": 0.07, "ks": (10, 20, 100, 200)},

@@ -1,6 +1,6 @@
 """FAISS helpers: build, train, tune, patch, save and search an inner-product index.
 
-Plain functions, numpy in and numpy out; which index to build is `mocoserve.planner`'s
+Plain functions, numpy in and numpy out; which index to build is `mocoserve.ann.planner`'s
 choice. Ids are store ids: IVF indexes keep them in their inverted lists, the others (Flat,
 HNSW) in an `IndexIDMap2`, so an index can be patched (ids removed and added) to agree with
 the store. IVF lists can live in a file (`OnDiskInvertedLists`), memory-mapped to search.

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from mocoserve.core.images import TooManyPixels, decode_image, header_pixels
-from mocoserve.model import resize_crop
+from mocoserve.core.images import TooManyPixels, decode_image, header_pixels, resize_crop
 
 # JPEG draft decoding (DCT-domain downscaling) only down to 4x the resize target: the
 # antialiased resize from there matches a full decode (cosine >= 0.9999 to the training-time

@@ -1,14 +1,14 @@
 """An image index, read: a FAISS file (`out.faiss`) and its store, searched by image, vector or id.
 
-    import mocoserve.index
-    index = mocoserve.index.open("out.faiss")
+    import mocoserve.index.reader
+    index = mocoserve.index.reader.open("out.faiss")
     hits = index.search_images(["query.jpg"], k=10)[0]
 
-The store is format 2 (`mocoserve.store`: a catalog and shards of metadata and vectors) or
-format 1 (`mocoserve.sidecar`: everything in one SQLite file, from before sharding). The
+The store is format 2 (`mocoserve.index.store`: a catalog and shards of metadata and vectors) or
+format 1 (`mocoserve.index.formats`: everything in one SQLite file, from before sharding). The
 FAISS file is derived from the store; opening checks that the two agree and patches the
 in-memory index where a writer is between its commits and its next build. A reader never
-writes a file: changes go through `mocoserve.writer.IndexWriter` (`add` and `remove` here
+writes a file: changes go through `mocoserve.index.writer.IndexWriter` (`add` and `remove` here
 open one).
 """
 
@@ -26,19 +26,20 @@ import faiss
 import numpy as np
 from PIL import Image
 
-from mocoserve import vectors as vec
+from mocoserve.ann import vectors as vec
+from mocoserve.core.decode import decode_file
 from mocoserve.core.errors import UserError
-from mocoserve.decode import decode_file
-from mocoserve.model import PackageEncoder, load, resize_crop, to_input
-from mocoserve.sidecar import Item, Sidecar
-from mocoserve.store import ShardedStore, open_store, sidecar_path
-from mocoserve.writer import (
+from mocoserve.core.images import resize_crop
+from mocoserve.index.formats import Item, Sidecar
+from mocoserve.index.store import ShardedStore, open_store, sidecar_path
+from mocoserve.index.writer import (
     IngestCounts,
     acquire_lock,
     build_facts,
     describe_build,
     model_fingerprint,
 )
+from mocoserve.model import PackageEncoder, load, to_input
 
 __all__ = [
     "Hit",
@@ -433,7 +434,7 @@ class ImageIndex:
         workers: int = 0,
     ) -> IngestCounts:
         """Embed these files (replacing any with the same path) and save the index."""
-        from mocoserve.writer import IndexWriter, ingest
+        from mocoserve.index.writer import IndexWriter, ingest
 
         self._writable()
         absolute = [os.path.abspath(p) for p in paths]
@@ -454,7 +455,7 @@ class ImageIndex:
 
     def remove(self, paths: Iterable[str | Path]) -> int:
         """Remove these files from the index and save it; how many were there."""
-        from mocoserve.writer import IndexWriter
+        from mocoserve.index.writer import IndexWriter
 
         self._writable()
         with IndexWriter(self.path) as writer:

@@ -23,7 +23,7 @@ import numpy as np
 
 from mocoserve.core.errors import UserError
 from mocoserve.core.files import fsync_dir, path_text, public_mode
-from mocoserve.store import open_store
+from mocoserve.index.store import open_store
 
 ROWS_PER_FILE = 1_000_000
 COLUMNS = ("image_path", "image_path_bytes", "id", "label", "sha256", "bytes", "width", "height")
@@ -44,7 +44,7 @@ def export_index(
     index_path: str | Path, to: str | Path, fmt: str = "npy", rows_per_file: int = ROWS_PER_FILE
 ) -> dict[str, int]:
     """Write every item's embedding and metadata under `to` (a new folder); counts."""
-    from mocoserve.writer import acquire_lock
+    from mocoserve.index.writer import acquire_lock
 
     if fmt not in ("npy", "parquet"):
         raise UserError(f"--format must be npy or parquet, got {fmt!r}")

@@ -1,0 +1,1 @@
+"""FAISS alone: numpy in and out (factories, training, on-disk lists, tuning, search)."""

@@ -1,0 +1,1 @@
+"""The index on disk: items, shards and vector files, the catalog, FAISS file, reader, writer."""

@@ -1,0 +1,1 @@
+"""The ingest pipeline: scan -> read + decode -> model -> write."""
