@@ -1,7 +1,9 @@
-# mocoserve on NVIDIA GPUs: training (torchrun/DDP), export, embedding, search, k-NN reports.
+# mocoserve's serving image on NVIDIA GPUs: the HTTP service with its /ui page, embedding,
+# search, index tools and k-NN reports (ONNX Runtime + FAISS); no torch, no training stack.
 #   docker build -t mocoserve .
 #   docker run --gpus all --rm -p 8000:8000 -v "$PWD:/data" mocoserve   (serve /data/out.faiss)
 # Two stages: the build stage installs into a venv; the runtime stage copies only the venv.
+# Training and export need the [train] extra: pip install '.[all]' on a machine with torch.
 
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS build
 RUN apt-get update \
@@ -15,8 +17,8 @@ COPY mocoserve ./mocoserve
 COPY train ./train
 COPY export ./export
 COPY app ./app
-RUN pip install --no-cache-dir torch torchvision
-RUN pip install --no-cache-dir '.[demo]'
+# the serving extras only: [serve] (FastAPI, uvicorn) and [app] (Gradio, for /ui)
+RUN pip install --no-cache-dir '.[serve,app]'
 
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 RUN apt-get update \

@@ -5,6 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # These torch wheels lie on our machines' disk; override TORCH_SPEC elsewhere (e.g. TORCH_SPEC=torch).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# The suite on both cores (pytest-xdist); a test file is the unit, so its module fixtures
+# (servers, indexes) are built once. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: install test test-fast lint demo clean
 
@@ -12,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e '.[dev,demo]'
+	$(PY) -m pip install --quiet -e '.[all,dev,demo]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -22,10 +26,10 @@ lint: install
 	$(PY) -m ruff format --check .
 
 test: install lint
-	$(PY) -m pytest
+	$(PYTEST)
 
 test-fast: install
-	$(PY) -m pytest -m 'not slow'
+	$(PYTEST) -m 'not slow'
 
 demo: install
 	$(VENV)/bin/mocoserve demo --out demo-output

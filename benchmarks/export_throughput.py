@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mocoserve import model as package_loader
 from mocoserve.export.package import embedding_model, export_checkpoint
 from mocoserve.train import checkpoint
-from mocoserve.train.config import build_config
+from mocoserve.train.configure import build_config
 from mocoserve.train.methods import build_method
 
 

@@ -19,7 +19,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mocoserve.ann import knn
-from mocoserve.ann import vectors as vec
+from mocoserve.ann.factory import normalize
 
 
 def main() -> None:
@@ -33,9 +33,9 @@ def main() -> None:
     from sklearn.neighbors import KNeighborsClassifier
 
     rng = np.random.default_rng(0)
-    train = vec.normalize(rng.normal(size=(args.train, args.dim)))
+    train = normalize(rng.normal(size=(args.train, args.dim)))
     labels = rng.integers(0, args.classes, args.train)
-    queries = vec.normalize(rng.normal(size=(args.queries, args.dim)))
+    queries = normalize(rng.normal(size=(args.queries, args.dim)))
 
     start = time.perf_counter()
     clf = KNeighborsClassifier(n_neighbors=args.k, algorithm="brute", n_jobs=-1)

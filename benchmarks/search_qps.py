@@ -4,8 +4,8 @@ For each N (default 1M and 5M clustered random 128-d vectors), in one run: exact
 the reference, then what the planner picks with no budget (IVF-Flat), with a budget of a
 third of Flat's bytes (IVF-SQ8), a quarter (OPQ + IVF-PQ, re-ranked from the stored
 vectors), and --on-disk (IVF-Flat lists in a memory-mapped file). Each is built, trained
-and tuned by `mocoserve.ann.vectors.build` to recall@10 >= 0.95 on held-out queries, then
-measured on 1,000 fresh queries through `mocoserve.ann.vectors.Searcher`: bytes, build time,
+and tuned by `mocoserve.ann.build.build` to recall@10 >= 0.95 on held-out queries, then
+measured on 1,000 fresh queries through `mocoserve.ann.search.Searcher`: bytes, build time,
 recall@10 against exact, queries/s and both as ratios to Flat. Where FAISS sees GPUs, the
 same searches run on all of them too.
 
@@ -27,7 +27,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mocoserve.ann import planner
-from mocoserve.ann import vectors as vec
+from mocoserve.ann.build import build
+from mocoserve.ann.io import lists_file
+from mocoserve.ann.search import Searcher
+from mocoserve.ann.tune import recall_at
 
 
 def clustered(n: int, dim: int, seed: int, clusters: int = 1000) -> np.ndarray:
@@ -42,7 +45,7 @@ def clustered(n: int, dim: int, seed: int, clusters: int = 1000) -> np.ndarray:
     return x
 
 
-def qps(searcher: vec.Searcher, q: np.ndarray, k: int) -> tuple[float, np.ndarray]:
+def qps(searcher: Searcher, q: np.ndarray, k: int) -> tuple[float, np.ndarray]:
     searcher.search(q[:10], k)  # warm-up
     start = time.perf_counter()
     _, ids = searcher.search(q, k)
@@ -51,7 +54,7 @@ def qps(searcher: vec.Searcher, q: np.ndarray, k: int) -> tuple[float, np.ndarra
 
 def bytes_of(index: faiss.Index) -> tuple[int, int]:
     """(bytes in RAM, bytes of lists on disk) of an index."""
-    lists = vec.lists_file(index)
+    lists = lists_file(index)
     if lists:
         with tempfile.NamedTemporaryFile() as f:  # the header and centroids only
             faiss.write_index(index, f.name)
@@ -91,7 +94,7 @@ def run(n: int, dim: int, queries: int, k: int, folder: Path) -> list[dict]:
     for name, plan in choices:
         disk = folder / f"{n}.lists" if "on-disk" in name else None
         start = time.perf_counter()
-        built = vec.build(plan.factory, dim, blocks, sample, n, 0.95, gather, disk)
+        built = build(plan.factory, dim, blocks, sample, n, 0.95, gather, disk)
         row = {
             "n": n,
             "choice": name,
@@ -103,7 +106,7 @@ def run(n: int, dim: int, queries: int, k: int, folder: Path) -> list[dict]:
         row["ram_bytes"], row["disk_bytes"] = bytes_of(built.index)
         row["ram_vs_flat"] = round(row["ram_bytes"] / flat_bytes, 3)
         for device in devices:
-            searcher = vec.Searcher(built.index, built.settings, device, gather)
+            searcher = Searcher(built.index, built.settings, device, gather)
             speed, found = qps(searcher, q, k)
             if exact is None:
                 exact = found  # Flat first: the reference
@@ -111,7 +114,7 @@ def run(n: int, dim: int, queries: int, k: int, folder: Path) -> list[dict]:
                 flat_qps[device] = speed
             row[f"{device}_qps"] = round(speed)
             row[f"{device}_x_flat"] = round(speed / flat_qps[device], 1)
-            row[f"{device}_recall_at_10"] = round(vec.recall_at(found, exact), 4)
+            row[f"{device}_recall_at_10"] = round(recall_at(found, exact), 4)
             if device == "cuda":
                 row["gpus"], row["gpu_layout"] = searcher.gpus, searcher.layout
         rows.append(row)

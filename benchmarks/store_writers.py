@@ -24,7 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mocoserve.index.formats import NewItem, Sidecar
+from mocoserve.index.formats import Sidecar
+from mocoserve.index.items import NewItem
 from mocoserve.index.store import Shard
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mocoserve.train.config import build_config
+from mocoserve.train.configure import build_config
 from mocoserve.train.methods import build_method
 from mocoserve.train.trainer import fit
 

@@ -76,7 +76,7 @@ def run_demo(out: Path, epochs: int, seed: int = 0, workers: int = 2) -> DemoRes
     from mocoserve.ingest.embed import embed_folders
     from mocoserve.report import run_knn
     from mocoserve.train import checkpoint
-    from mocoserve.train.config import build_config
+    from mocoserve.train.configure import build_config
     from mocoserve.train.methods import build_method
     from mocoserve.train.trainer import fit
 

@@ -5,6 +5,7 @@ Serving path: no import of `train` or `export`.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ def file_status(folder: str | Path, manifest: Manifest, name: str) -> str:
 
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             check_onnx(manifest, session, name)
+        elif importlib.util.find_spec("torch") is None:  # the base install: ONNX Runtime only
+            return "ok (sha256; not loaded: TorchScript needs the [train] extra)"
         else:
             _load_torchscript(Path(folder), manifest, path, "cpu")
     except UserError as e:
@@ -194,6 +197,11 @@ def _load_onnx(
 def _load_torchscript(
     folder: Path, manifest: Manifest, file: Path, device: str, device_id: int = 0
 ) -> PackageEncoder:
+    if importlib.util.find_spec("torch") is None:
+        raise UserError(
+            f"{file.name} is TorchScript: loading it needs the [train] extra: "
+            "pip install 'mocoserve[train]' (or use the package's encoder.onnx)"
+        )
     import torch
 
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"

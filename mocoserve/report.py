@@ -18,14 +18,16 @@ from PIL import Image, ImageDraw, ImageOps
 from mocoserve.ann import knn
 from mocoserve.core.errors import UserError
 from mocoserve.core.images import load_rgb
-from mocoserve.index.store import open_store, sidecar_path
-from mocoserve.index.writer import model_fingerprint
+from mocoserve.core.manifest import model_fingerprint
+from mocoserve.index.catalog import CatalogMeta
+from mocoserve.index.files import IndexFiles
+from mocoserve.index.formats import open_store
 from mocoserve.ingest.embed import embed_folders
 
 
 @dataclass
 class LabelledSet:
-    """Embeddings of a labelled image set, read back from an index's sidecar."""
+    """Embeddings of a labelled image set, read back from an index's store."""
 
     paths: list[str]
     labels: list[str]
@@ -37,11 +39,11 @@ class LabelledSet:
 
 def read_labelled(index_path: Path, paths_under: Path | None = None) -> LabelledSet:
     """Every labelled item of an index (optionally only those under a folder)."""
-    if not sidecar_path(index_path).is_file():
-        raise UserError(f"{index_path} is not an index (no {sidecar_path(index_path).name})")
+    if not IndexFiles(index_path).catalog.is_file():
+        raise UserError(f"{index_path} is not an index (no {IndexFiles(index_path).catalog.name})")
     store = open_store(index_path)
     try:
-        model_path = store.get_meta("model_path")
+        model_path = CatalogMeta.of(store).model_path
         prefix = str(paths_under.resolve()) + "/" if paths_under else ""
         paths, labels, vectors = store.under(prefix)
         failed = sum(1 for p, _ in store.failures() if p.startswith(prefix))
@@ -84,59 +86,11 @@ def run_knn(
     baseline: dict[str, float] | None = None,
 ) -> KnnReport:
     """Classify `val` (or `train` leave-one-out) by k-NN against `train` and write the report."""
-    if preset not in knn.PRESETS:
-        raise UserError(f"--preset must be one of {', '.join(knn.PRESETS)}, got {preset!r}")
-    p = knn.PRESETS[preset]
-    k = p["k"] if k is None else k
-    temperature = p["temperature"] if temperature is None else temperature
-    if k < 1 or temperature <= 0:
-        raise UserError("--k must be at least 1 and --temperature above 0")
-    ks = tuple(sorted({k, *p["ks"]})) if k == p["k"] else (k,)
-    if loo and val is not None:
-        raise UserError("--loo classifies the --train folder against itself; drop --val")
-    if not loo and val is None:
-        raise UserError("give --val (a labelled folder), or --loo to use --train alone")
-    if train is None and train_index is None:
-        raise UserError("give --train (a labelled folder) or --train-index (an index with labels)")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder for the report")
-    # the folders are checked here and --out is made only when there is something to write
-    # in it (the cache of embeddings, the report): a refused run leaves no empty folder
-    for option, folder in (("--train", None if train_index else train), ("--val", val)):
-        if folder is not None and not folder.is_dir():
-            raise UserError(f"{option} {folder} is not a folder")
+    k, temperature, ks = _preset_k(preset, k, temperature)
+    _check_inputs(train, val, out, train_index, loo)
     started = time.perf_counter()
-
-    if train_index is not None:
-        train_set = read_labelled(train_index)
-        if model is None and train_set.model_path:
-            model = Path(train_set.model_path)
-        if not train_set.labels:
-            raise UserError(f"{train_index} has no labels; build it with --labels-from-folders")
-    if model is None:
-        raise UserError(
-            "give --model (the package folder made by export), or --train-index (an index "
-            "that knows its model)"
-        )
-    if not (Path(model) / "manifest.json").is_file():
-        raise UserError(f"--model {model} is not a model package folder (no manifest.json)")
-    fingerprint = model_fingerprint(model)
-    cache = out / "index"
-    embedded = {"train": 0, "val": 0}  # what this run had to embed (the cache holds the rest)
-    if train_index is None:
-        train_index = cache / f"train-{fingerprint[:12]}.faiss"
-        cache.mkdir(parents=True, exist_ok=True)
-        done = embed_folders([train], model, train_index, batch_size, workers, "flat", True, device)
-        embedded["train"] = done.embedded
-        train_set = read_labelled(train_index, train)
-    if loo:
-        val_set, val_index = train_set, train_index
-    else:
-        val_index = cache / f"val-{fingerprint[:12]}.faiss"
-        cache.mkdir(parents=True, exist_ok=True)
-        done = embed_folders([val], model, val_index, batch_size, workers, "flat", True, device)
-        embedded["val"] = done.embedded
-        val_set = read_labelled(val_index, val)
+    sets = _embedded_sets(model, train, val, out, train_index, loo, device, workers, batch_size)
+    train_set, val_set = sets.train_set, sets.val_set
     if not train_set.labels:
         raise UserError(f"{train} has no labelled images (expected class/image folders)")
     if not val_set.labels:
@@ -153,18 +107,7 @@ def run_knn(
     if train_set.vectors.shape[1] != val_set.vectors.shape[1]:
         raise UserError("--train-index was built with a model of another embedding size")
     self_ids = np.arange(len(val_labels)) if loo else None
-    most = len(train_labels) - (1 if loo else 0)  # neighbours a query can have
-    if most < 1:
-        raise UserError("the train set needs at least one image (two for --loo)")
-    notes = []
-    over = sorted(kk for kk in ks if kk > most)
-    if over:
-        asked = ", ".join(map(str, over))
-        notes.append(
-            f"k capped at {most}: the train set has {len(train_labels)} images (k {asked})"
-        )
-    k = min(k, most)
-    ks = tuple(sorted({min(kk, most) for kk in ks}))
+    k, ks, notes = _capped_k(k, ks, len(train_labels), loo)
     result = knn.knn_classify(
         train_set.vectors,
         train_labels,
@@ -176,20 +119,131 @@ def run_knn(
         device=device,
     )
     figures = _figures(result, k, val_labels, classes, train_set, val_set, loo, preset)
-    figures["model"] = {"path": str(Path(model).resolve()), "manifest_sha256": fingerprint}
-    figures["train"] = str(train if train is not None else train_index)
+    figures["model"] = {
+        "path": str(Path(sets.model).resolve()),
+        "manifest_sha256": sets.fingerprint,
+    }
+    figures["train"] = str(train if train is not None else sets.train_index)
     figures["val"] = "leave-one-out on train" if loo else str(val)
-    figures["indexes"] = {"train": str(train_index), "val": str(val_index)}
+    figures["indexes"] = {"train": str(sets.train_index), "val": str(sets.val_index)}
     if baseline:
         figures["baseline"] = baseline
     figures["seconds"] = round(time.perf_counter() - started, 2)
     figures["notes"] = notes
-    figures["embedded"] = embedded
+    figures["embedded"] = sets.embedded
     report = KnnReport(out, figures)
     report.files = write_report(
         out, figures, result, k, val_labels, classes, train_set, val_set, train_labels, grid_queries
     )
     return report
+
+
+def _preset_k(
+    preset: str, k: int | None, temperature: float | None
+) -> tuple[int, float, tuple[int, ...]]:
+    """(k, temperature, the ks to report): the preset's, unless given."""
+    if preset not in knn.PRESETS:
+        raise UserError(f"--preset must be one of {', '.join(knn.PRESETS)}, got {preset!r}")
+    p = knn.PRESETS[preset]
+    k = p["k"] if k is None else k
+    temperature = p["temperature"] if temperature is None else temperature
+    if k < 1 or temperature <= 0:
+        raise UserError("--k must be at least 1 and --temperature above 0")
+    ks = tuple(sorted({k, *p["ks"]})) if k == p["k"] else (k,)
+    return k, temperature, ks
+
+
+def _check_inputs(
+    train: Path | None, val: Path | None, out: Path, train_index: Path | None, loo: bool
+) -> None:
+    if loo and val is not None:
+        raise UserError("--loo classifies the --train folder against itself; drop --val")
+    if not loo and val is None:
+        raise UserError("give --val (a labelled folder), or --loo to use --train alone")
+    if train is None and train_index is None:
+        raise UserError("give --train (a labelled folder) or --train-index (an index with labels)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the report")
+    # the folders are checked here and --out is made only when there is something to write
+    # in it (the cache of embeddings, the report): a refused run leaves no empty folder
+    for option, folder in (("--train", None if train_index else train), ("--val", val)):
+        if folder is not None and not folder.is_dir():
+            raise UserError(f"{option} {folder} is not a folder")
+
+
+@dataclass
+class _Sets:
+    """The train and val sets of a run, the model that embedded them, and their indexes."""
+
+    model: Path
+    fingerprint: str
+    train_set: LabelledSet
+    val_set: LabelledSet
+    train_index: Path
+    val_index: Path
+    embedded: dict[str, int]  # what this run had to embed (the cache holds the rest)
+
+
+def _embedded_sets(
+    model: Path | None,
+    train: Path | None,
+    val: Path | None,
+    out: Path,
+    train_index: Path | None,
+    loo: bool,
+    device: str,
+    workers: int | None,
+    batch_size: int,
+) -> _Sets:
+    """The labelled sets: read from --train-index, or embedded into out/index (a cache)."""
+    train_set = None
+    if train_index is not None:
+        train_set = read_labelled(train_index)
+        if model is None and train_set.model_path:
+            model = Path(train_set.model_path)
+        if not train_set.labels:
+            raise UserError(f"{train_index} has no labels; build it with --labels-from-folders")
+    if model is None:
+        raise UserError(
+            "give --model (the package folder made by export), or --train-index (an index "
+            "that knows its model)"
+        )
+    if not (Path(model) / "manifest.json").is_file():
+        raise UserError(f"--model {model} is not a model package folder (no manifest.json)")
+    fingerprint = model_fingerprint(model)
+    cache = out / "index"
+    embedded = {"train": 0, "val": 0}
+    if train_index is None:
+        train_index = cache / f"train-{fingerprint[:12]}.faiss"
+        cache.mkdir(parents=True, exist_ok=True)
+        done = embed_folders([train], model, train_index, batch_size, workers, "flat", True, device)
+        embedded["train"] = done.embedded
+        train_set = read_labelled(train_index, train)
+    assert train_set is not None
+    if loo:
+        val_set, val_index = train_set, train_index
+    else:
+        val_index = cache / f"val-{fingerprint[:12]}.faiss"
+        cache.mkdir(parents=True, exist_ok=True)
+        done = embed_folders([val], model, val_index, batch_size, workers, "flat", True, device)
+        embedded["val"] = done.embedded
+        val_set = read_labelled(val_index, val)
+    return _Sets(model, fingerprint, train_set, val_set, train_index, val_index, embedded)
+
+
+def _capped_k(
+    k: int, ks: tuple[int, ...], n_train: int, loo: bool
+) -> tuple[int, tuple[int, ...], list[str]]:
+    """k and the ks no larger than the neighbours a query can have; a note when capped."""
+    most = n_train - (1 if loo else 0)  # neighbours a query can have
+    if most < 1:
+        raise UserError("the train set needs at least one image (two for --loo)")
+    notes = []
+    over = sorted(kk for kk in ks if kk > most)
+    if over:
+        asked = ", ".join(map(str, over))
+        notes.append(f"k capped at {most}: the train set has {n_train} images (k {asked})")
+    return min(k, most), tuple(sorted({min(kk, most) for kk in ks})), notes
 
 
 def _figures(result, k, val_labels, classes, train_set, val_set, loo, preset) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from mocoserve.train import checkpoint
-from mocoserve.train.config import build_config
+from mocoserve.train.configure import build_config
 from mocoserve.train.methods import build_method
 
 

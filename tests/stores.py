@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mocoserve.index.store import open_store, shards_path
+from mocoserve.index.files import IndexFiles
+from mocoserve.index.formats import open_store
 
 
 def rows(index_path: Path) -> dict[str, tuple]:
@@ -36,7 +37,7 @@ def failures(index_path: Path) -> dict[str, str]:
 def committed(index_path: Path) -> int:
     """Items committed so far, read straight from the shard files (a writer may be running)."""
     total = 0
-    for db in shards_path(index_path).glob("*/items.db"):
+    for db in IndexFiles(index_path).shards.glob("*/items.db"):
         # read-only first; after a writer was killed mid-commit its hot journal needs a
         # recovery that only a read-write connection does. A shard locked by a live (or
         # frozen) writer is skipped: callers poll.

@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mocoserve.cli import app
-from mocoserve.index.store import shards_path
+from mocoserve.index.files import IndexFiles
 from tests.imagegen import make_labelled
 
 
@@ -82,7 +82,7 @@ def index(built, tmp_path) -> Path:
 def vector_file(index: Path) -> Path:
     """The vector file of the shard with the most rows (which shard a file hashes to
     depends on its path)."""
-    return max(shards_path(index).glob("*/vectors-*"), key=lambda p: p.stat().st_size)
+    return max(IndexFiles(index).shards.glob("*/vectors-*"), key=lambda p: p.stat().st_size)
 
 
 def search_scores(index: Path, images: Path) -> list[float]:
@@ -108,7 +108,7 @@ def test_a_float16_store_checks_clean_and_a_changed_value_is_found(images, model
     )  # fmt: skip
     assert made.exit_code == 0, made.output
     assert check(index).exit_code == 0
-    vectors = next(shards_path(index).glob("*/vectors-*.f16"))
+    vectors = next(IndexFiles(index).shards.glob("*/vectors-*.f16"))
     data = bytearray(vectors.read_bytes())
     data[len(data) // 2] ^= 0x01  # one bit of one value: what a norm check cannot see
     vectors.write_bytes(bytes(data))
@@ -120,19 +120,19 @@ def test_a_float16_store_checks_clean_and_a_changed_value_is_found(images, model
 def test_a_damaged_catalog_is_refused_and_embed_makes_no_index_over_the_shards(
     index, images, model_dir, damage
 ):
-    catalog = Path(f"{index}.db")
+    catalog = IndexFiles(index).catalog
     if damage == "no meta":  # a SQLite file whose meta table lost its rows
         catalog.unlink()
         with sqlite3.connect(catalog) as db:
             db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
     else:
         catalog.write_bytes(b"" if damage == "empty" else os.urandom(4096))
-    shards = files(shards_path(index))
+    shards = files(IndexFiles(index).shards)
     again = mocoserve(
         "embed", images, "--index", index, "--model", model_dir, "--workers", "0", "-q"
     )
     one_error(again, 2, str(catalog), "is damaged")
-    assert files(shards_path(index)) == shards  # not a byte of the shards changed, no new one
+    assert files(IndexFiles(index).shards) == shards  # not a byte of the shards changed, no new one
     one_error(mocoserve("embed", images, "--index", index, "-q"), 2, str(catalog), "damaged")
     one_error(mocoserve("index", "info", index), 2, str(catalog), "is damaged")
     one_error(mocoserve("index", "build", index), 2, str(catalog), "is damaged")
@@ -144,7 +144,7 @@ def test_a_damaged_catalog_is_refused_and_embed_makes_no_index_over_the_shards(
 def test_a_missing_shard_is_refused_by_every_reader_and_not_made_anew(
     index, images, model_dir, tmp_path, lost
 ):
-    folder = shards_path(index) / "0001-of-0002"
+    folder = IndexFiles(index).shard(1, 2)
     gone = folder if lost == "folder" else folder / "items.db"
     shutil.rmtree(gone) if lost == "folder" else gone.unlink()
     query = sorted(images.rglob("*.png"))[0]
@@ -205,11 +205,11 @@ def test_random_bytes_inside_a_vector_file_are_refused_and_never_scored(index, i
 
 def test_an_index_from_before_checksums_opens_and_its_rows_are_checked_by_norm(index, images):
     """Format 2 as written before this check existed: no checksums, no shard list."""
-    for db in shards_path(index).glob("*/items.db"):
+    for db in IndexFiles(index).shards.glob("*/items.db"):
         with sqlite3.connect(db) as conn:
             conn.execute("DROP TABLE blocks")
             conn.execute("DELETE FROM meta WHERE key IN ('crc_from', 'crc_block_rows', 'reserved')")
-    with sqlite3.connect(f"{index}.db") as conn:
+    with sqlite3.connect(IndexFiles(index).catalog) as conn:
         conn.execute("DELETE FROM meta WHERE key = 'shards_made'")
     assert mocoserve("index", "info", index).exit_code == 0
     found = check(index)
@@ -245,7 +245,7 @@ def test_the_service_answers_a_damaged_row_with_a_503_naming_no_server_path(inde
 
     import httpx
 
-    from mocoserve.service.app import create_app
+    from mocoserve.service.main import create_app
     from tests.test_reload import loaded_state
 
     vectors = vector_file(index)

@@ -11,6 +11,7 @@ from mocoserve.cli import app
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 README = (ROOT / "README.md").read_text()
+PYPROJECT = (ROOT / "pyproject.toml").read_text()
 
 
 def instructions() -> list[tuple[str, str]]:
@@ -51,9 +52,26 @@ def test_install_commands_are_the_readmes():
         assert command in README, f"README does not show the Dockerfile's `{command}`"
 
 
+def test_the_image_installs_the_serving_extras_and_no_training_stack():
+    runs = [args for op, args in instructions() if op == "RUN"]
+    installs = " ".join(args for args in runs if "pip install" in args)
+    assert "torch" not in installs and "tensorboard" not in installs
+    (extras,) = re.findall(r"'\.\[([\w,]+)\]'", installs)
+    extras = set(extras.split(","))
+    for extra in extras:
+        assert re.search(rf"^{extra} = \[", PYPROJECT, re.M), f"pyproject has no [{extra}] extra"
+    assert not extras & {"train", "all", "demo"}, "the serving image must not install torch"
+    (cmd,) = [args for op, args in instructions() if op == "CMD"]
+    assert "serve" in cmd and "serve" in extras
+    if "--no-ui" not in cmd:  # the page at /ui is the Gradio app
+        assert "app" in extras
+
+
 def test_readme_docker_run_commands_are_real_commands():
     runs = re.findall(r"docker run [^\n]*? mocoserve (\w+)", README)
-    assert {"train", "embed"} <= set(runs)
+    assert {"embed", "serve"} <= set(runs)
+    # the serving image has no torch: these would exit 2 (needs the [train] extra)
+    assert not set(runs) & {"train", "lincls", "export", "demo"}, runs
     for command in set(runs):
         result = CliRunner().invoke(app, [command, "--help"])
         assert result.exit_code == 0, f"README runs `mocoserve {command}`, which does not exist"

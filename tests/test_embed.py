@@ -14,14 +14,17 @@ import pytest
 from typer.testing import CliRunner
 
 import mocoserve.index.reader
-from mocoserve.ann import vectors as vec
+from mocoserve.ann.factory import base_ivf
+from mocoserve.ann.io import read
+from mocoserve.ann.sync import ids_of
 from mocoserve.cli import app
 from mocoserve.core.decode import decode_file
 from mocoserve.core.errors import UserError
 from mocoserve.core.images import resize_crop
-from mocoserve.index.formats import NewItem, Sidecar
-from mocoserve.index.store import open_store
+from mocoserve.index.formats import Sidecar, open_store
+from mocoserve.index.items import NewItem
 from mocoserve.ingest.embed import embed_folders
+from mocoserve.ingest.runner import add_files
 from tests.imagegen import class_image, exif_upright, make_awkward_files, make_labelled
 from tests.procs import default_sigint
 from tests.stores import committed, failures, rows
@@ -32,11 +35,11 @@ runner = CliRunner()
 def assert_agree(index_path: Path) -> None:
     """The FAISS file holds exactly the store's ids, with the store's vectors."""
     stored = rows(index_path)
-    index = vec.read(index_path, len(next(iter(stored.values()))[3]))
+    index = read(index_path, len(next(iter(stored.values()))[3]))
     assert index is not None
-    held = vec.ids_of(index)
+    held = ids_of(index)
     assert sorted(held.tolist()) == sorted(r[0] for r in stored.values())
-    if vec.base_ivf(index) is None:  # IVF has no id -> vector map to read back
+    if base_ivf(index) is None:  # IVF has no id -> vector map to read back
         for _, (i, _, _, v) in list(stored.items())[:5]:
             assert np.allclose(index.reconstruct(int(i)), v, atol=1e-6)
 
@@ -162,7 +165,8 @@ def test_python_api_add_remove_len(folder, tmp_path, model_dir):
     idx = mocoserve.index.reader.open(index)
     assert len(idx) == 6
     extra = sorted((folder / "class_1").iterdir())[:3]
-    counts = idx.add(extra, labels=["one"] * 3)
+    counts = add_files(index, idx.encoder, extra, labels=["one"] * 3)
+    idx = mocoserve.index.reader.open(index)
     assert counts.embedded == 3 and len(idx) == 9
     hits = idx.search_images([extra[0]], k=1)[0]
     assert hits[0].path == str(extra[0]) and hits[0].label == "one"
@@ -175,7 +179,9 @@ def test_python_api_add_remove_len(folder, tmp_path, model_dir):
 
 
 def test_crash_between_commit_and_index_write_is_repaired(folder, tmp_path, model_dir):
-    from mocoserve.index.writer import IndexWriter, ingest
+    from mocoserve.core.manifest import ModelFacts
+    from mocoserve.index.writer import IndexWriter
+    from mocoserve.ingest.runner import ingest
     from mocoserve.model import load
 
     index = tmp_path / "out.faiss"
@@ -183,7 +189,7 @@ def test_crash_between_commit_and_index_write_is_repaired(folder, tmp_path, mode
     new = sorted(str(p) for p in (folder / "class_2").iterdir())
     encoder = load(model_dir)
     with IndexWriter(index) as writer:  # committed to the shards, the index file not built
-        writer.prepare(encoder)
+        writer.prepare(ModelFacts.of_package(model_dir))
         writer.own(range(writer.shard_count))
         ingest(encoder, new, [None] * len(new), writer.commit, 4, 0)
     reopened = mocoserve.index.reader.open(index)

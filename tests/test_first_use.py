@@ -13,7 +13,7 @@ from typer.core import TyperArgument, TyperGroup, TyperOption
 from typer.testing import CliRunner
 
 from mocoserve.cli import app
-from mocoserve.service.app import create_app
+from mocoserve.service.main import create_app
 from mocoserve.service.state import ServiceConfig
 
 runner = CliRunner()
@@ -185,7 +185,7 @@ def test_train_to_a_file_logs_each_epoch_once(flat_dir, tmp_path):
 def test_the_defaults_train_shows_are_the_configs():
     """train's help states defaults by hand (importing the config would load torch for
     --help): each must be what the config gives, plain and with the cifar preset."""
-    from mocoserve.train.config import build_config
+    from mocoserve.train.configure import build_config
 
     fields = {
         "--lr": "optim.lr",

@@ -404,10 +404,10 @@ def test_search_for_a_label_the_index_lacks(tmp_path, labelled_dir, model_dir):
 
 
 def test_a_second_embed_on_the_same_index_is_refused(tmp_path, labelled_dir, model_dir):
-    import mocoserve.index.reader
+    from mocoserve.index.writer import IndexWriter
 
     index = tmp_path / "busy.faiss"
-    with mocoserve.index.reader.writer_lock(index):  # as a running embed holds it
+    with IndexWriter(index):  # its writer lock, as a running embed holds it
         result = run(["embed", str(labelled_dir), "--index", str(index), "--model", str(model_dir)])
     assert_one_error(result, 2, "is being written by another process")
     assert not Path(f"{index}.db").exists()

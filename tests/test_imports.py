@@ -17,18 +17,29 @@ FOLDERS = {
     "export": "mocoserve.export",
     "app": "mocoserve.app",
 }
-SERVING = ("mocoserve.core", "mocoserve.model", "mocoserve.ann", "mocoserve.index")
-SERVING += ("mocoserve.ingest", "mocoserve.report")
-# What each part may import of ours, even lazily inside a function. The CLI (`cli`,
-# `commands`) and the demo (the whole pipeline) may import every part, inside commands.
+# The layers of docs/architecture.md: what each part may import of ours, even lazily inside a
+# function. Arrows point down only: core <- ann <- index <- ingest <- service/app/commands.
+# `mocoserve.model` (the package loader) stands on core alone; the CLI (`cli`, `commands`) and
+# the demo (the whole pipeline) may import every part, inside commands.
+CORE = ("mocoserve.core",)
+ANN = (*CORE, "mocoserve.ann")
+MODEL = (*CORE, "mocoserve.model")
+INDEX = (*ANN, "mocoserve.model", "mocoserve.index")
+INGEST = (*INDEX, "mocoserve.ingest")
 ALLOWED = {
-    "mocoserve.core": ("mocoserve.core",),
-    "mocoserve.train": ("mocoserve.core", "mocoserve.train"),
-    "mocoserve.export": ("mocoserve.core", "mocoserve.train", "mocoserve.export"),
-    **{m: SERVING for m in SERVING},
-    "mocoserve.app": (*SERVING, "mocoserve.app"),
-    "mocoserve.service": (*SERVING, "mocoserve.app", "mocoserve.service"),
+    "mocoserve.core": CORE,
+    "mocoserve.model": MODEL,
+    "mocoserve.ann": ANN,
+    "mocoserve.index": INDEX,
+    "mocoserve.ingest": INGEST,
+    "mocoserve.report": (*INGEST, "mocoserve.report"),
+    "mocoserve.app": (*INDEX, "mocoserve.app"),
+    "mocoserve.service": (*INDEX, "mocoserve.app", "mocoserve.service"),
+    "mocoserve.train": (*CORE, "mocoserve.train"),
+    "mocoserve.export": (*CORE, "mocoserve.train", "mocoserve.export"),
 }
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 100
 
 
 def module_files() -> dict[str, Path]:
@@ -96,6 +107,119 @@ def test_every_part_imports_only_what_its_arrows_allow():
     assert not violations, violations
 
 
+def edges_of(path: Path, known: set[str]) -> set[str]:
+    """The modules of ours an import statement loads, at any depth: `from pkg import sub` is an
+    arrow to pkg.sub alone (a package's __init__ is not the submodule's importer)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            targets = [
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module
+                for a in node.names
+            ]
+        else:
+            continue
+        found.update(t for t in (ours(t, known) for t in targets) if t and t != "mocoserve")
+    return found
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), or a self-loop."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            part = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                part.append(w)
+                if w == v:
+                    break
+            if len(part) > 1 or v in graph.get(v, ()):
+                found.append(sorted(part))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = module_files()
+    known = set(modules)
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        # a package's __init__ re-exporting its own submodules is not a cycle
+        graph[name] = {
+            t
+            for t in edges_of(path, known)
+            if t != name and not (path.name == "__init__.py" and t.startswith(package + "."))
+        }
+    return graph
+
+
+def test_no_import_cycle_anywhere_function_level_imports_included():
+    assert cycles(import_graph()) == []
+
+
+def test_the_cycle_finder_sees_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_every_serving_module_belongs_to_a_layer():
+    """A new flat module under mocoserve/ must be placed in a layer, not slip past the arrows."""
+    free = {"mocoserve", "mocoserve.cli", "mocoserve.__main__", "mocoserve.demo"}
+    unplaced = [
+        n
+        for n in module_files()
+        if owner(n) is None and n not in free and not n.startswith("mocoserve.commands")
+    ]
+    assert unplaced == []
+
+
+def test_no_module_is_longer_than_the_bound():
+    long = {
+        n: len(p.read_text().splitlines())
+        for n, p in module_files().items()
+        if len(p.read_text().splitlines()) > MAX_MODULE_LINES
+    }
+    assert long == {}
+
+
+def test_no_function_in_mocoserve_is_longer_than_the_bound():
+    """Commands' functions are exempt: their option lists are declarations, not logic."""
+    long = []
+    for name, path in module_files().items():
+        if name.startswith("mocoserve.commands") or not name.startswith("mocoserve."):
+            continue
+        if name.startswith(("mocoserve.train", "mocoserve.export", "mocoserve.app")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{name}.{node.name}: {lines}")
+    assert long == []
+
+
 def test_core_imports_nothing_of_ours_but_core():
     core = {n: p for n, p in module_files().items() if n.startswith("mocoserve.core")}
     assert {"mocoserve.core.errors", "mocoserve.core.images", "mocoserve.core.manifest"} <= set(
@@ -111,7 +235,7 @@ def test_serving_path_loads_neither_training_nor_export_nor_torch():
     code = (
         "import sys, mocoserve.cli, mocoserve.index.reader, mocoserve.ingest.embed\n"
         "import mocoserve.report\n"
-        "import mocoserve.app.search, mocoserve.model, mocoserve.service.app\n"
+        "import mocoserve.app.search, mocoserve.model, mocoserve.service.main\n"
         "bad = [m for m in sys.modules if m.startswith(('mocoserve.train', 'mocoserve.export'))"
         " or m.split('.')[0] == 'torch']\n"
         "assert not bad, bad\n"

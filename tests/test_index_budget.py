@@ -1,8 +1,9 @@
 """Indexes chosen by a memory budget, compressed, on disk: measured on generated vectors.
 
-The big runs go through subprocesses so that each one's peak RSS is its own: a store of
-clustered vectors is written the way embed writes it (IndexWriter commits), built by the
-writer, then searched by a fresh process through `mocoserve.index.reader.open`.
+The big runs go through subprocesses (`tests/budget_scripts.py`) so that each one's peak RSS
+is its own: a store of clustered vectors is written the way embed writes it (IndexWriter
+commits), built by the writer, then searched by a fresh process through
+`mocoserve.index.reader.open`.
 """
 
 from __future__ import annotations
@@ -18,69 +19,29 @@ import numpy as np
 import pytest
 
 from mocoserve.ann import planner
-from mocoserve.ann import vectors as vec
+from mocoserve.ann.factory import new_index, normalize, on_disk
+from mocoserve.ann.io import read
+from mocoserve.ann.ondisk import to_memory
+from mocoserve.ann.params import SearchSettings
+from mocoserve.ann.search import GPU_MAX_K, Searcher, gpu_layout
+from mocoserve.ann.sync import ids_of
+from mocoserve.ann.train import train
+from mocoserve.ann.tune import exact_knn, recall_at
 from mocoserve.core.errors import UserError
 from mocoserve.index.store import ShardedStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
-MAKE = """
-import sys, json
-import numpy as np
-from mocoserve.index.formats import NewItem
-from mocoserve.index.store import Catalog, sidecar_path
-from mocoserve.index.writer import IndexWriter
-index, n, dim, choice = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
-catalog = Catalog(sidecar_path(index))
-if catalog.get_meta("dim") is None:
-    catalog.set_meta({"format_version": "2", "dim": str(dim), "shards": "4",
-                      "store_dtype": "float32", "factory": "Flat"})
-catalog.set_meta(choice)
-catalog.close()
-with IndexWriter(index) as w:
-    w.own(range(4))
-    if len(sys.argv) > 5:  # remove every 10th item, add n // 20 new ones
-        w.remove_paths([f"/v/{i:08d}" for i in range(0, n, 10)])
-        first, count = n, n // 20
-    else:
-        first, count = 0, n
-    centres = np.random.default_rng(0).normal(size=(1000, dim)).astype(np.float32)
-    for start in range(first, first + count, 100_000):
-        k = np.arange(start, min(start + 100_000, first + count))
-        rng = np.random.default_rng(start)
-        v = centres[k % 1000] + 0.35 * rng.standard_normal((len(k), dim), dtype=np.float32)
-        v /= np.linalg.norm(v, axis=1, keepdims=True)
-        w.commit([NewItem(f"/v/{i:08d}", None, "0", 1, 1, 1, 1, x) for i, x in zip(k, v)], [])
-    info = w.build()
-    print(json.dumps({"items": info.items, "factory": info.factory, "summary": info.summary}))
-"""
 
-SEARCH = """
-import sys, json, resource
-import numpy as np
-import faiss
-import mocoserve.index.reader
-def rss():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-index_path, queries, out = sys.argv[1], sys.argv[2], sys.argv[3]
-q = np.load(queries)
-base = rss()  # the imports (faiss-gpu maps its CUDA libraries), measured apart
-idx = mocoserve.index.reader.open(index_path, readonly=True)
-hits = idx.search_vectors(q, 10)
-ids = np.array([[h.id for h in row] + [-1] * (10 - len(row)) for row in hits])
-np.save(out, ids)
-print(json.dumps({"peak_above_imports": rss() - base, "info": {
-    k: v for k, v in idx.info().items() if k != "labels"}}))
-"""
-
-
-def run(script: str, *args: str, timeout: float = 900) -> dict:
+def run(command: str, *args: str, timeout: float = 900) -> dict:
+    """`python -m tests.budget_scripts COMMAND ARGS...` in a fresh process; its JSON line."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, "-c", script, *args],
+        [sys.executable, "-m", "tests.budget_scripts", command, *args],
         capture_output=True,
         text=True,
         env=env,
+        cwd=ROOT,
         timeout=timeout,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -92,13 +53,13 @@ def fresh_queries(n: int, dim: int) -> np.ndarray:
     centres = np.random.default_rng(0).normal(size=(1000, dim)).astype(np.float32)
     rng = np.random.default_rng(12345)
     q = centres[rng.integers(0, 1000, n)] + 0.35 * rng.standard_normal((n, dim))
-    return vec.normalize(q)
+    return normalize(q)
 
 
 def exact(index: Path, q: np.ndarray, k: int = 10) -> np.ndarray:
     store = ShardedStore(index)
     try:
-        return vec.exact_knn(q, store.vectors, k)[1]
+        return exact_knn(q, store.vectors, k)[1]
     finally:
         store.close()
 
@@ -137,21 +98,21 @@ def test_a_choice_is_remembered_and_overridden_field_by_field():
 
 def test_gpu_layout_replicates_when_one_gpu_holds_it_and_shards_when_all_do():
     gb = 1 << 30
-    assert vec.gpu_layout(10 * gb, [80 * gb] * 4) == "replicate"
-    assert vec.gpu_layout(100 * gb, [80 * gb] * 4) == "shard"
-    assert vec.gpu_layout(400 * gb, [80 * gb] * 4) is None
-    assert vec.gpu_layout(1 * gb, []) is None
+    assert gpu_layout(10 * gb, [80 * gb] * 4) == "replicate"
+    assert gpu_layout(100 * gb, [80 * gb] * 4) == "shard"
+    assert gpu_layout(400 * gb, [80 * gb] * 4) is None
+    assert gpu_layout(1 * gb, []) is None
 
 
 def test_a_gpu_never_gets_a_k_or_nprobe_it_would_clamp():
-    x = vec.normalize(np.random.default_rng(0).normal(size=(3000, 16)))
-    index = vec.new_index("IVF16,Flat", 16)
-    vec.train(index, x, gpu=False)
+    x = normalize(np.random.default_rng(0).normal(size=(3000, 16)))
+    index = new_index("IVF16,Flat", 16)
+    train(index, x, gpu=False)
     index.add_with_ids(x, np.arange(3000, dtype=np.int64))
-    searcher = vec.Searcher(index, vec.SearchSettings(nprobe=16), "cpu")
+    searcher = Searcher(index, SearchSettings(nprobe=16), "cpu")
     searcher.gpu = object()  # what a GPU copy would be; never searched past its limits
-    assert searcher._gpu_can(vec.GPU_MAX_K) and not searcher._gpu_can(vec.GPU_MAX_K + 1)
-    searcher.settings = vec.SearchSettings(nprobe=vec.GPU_MAX_K + 1)
+    assert searcher._gpu_can(GPU_MAX_K) and not searcher._gpu_can(GPU_MAX_K + 1)
+    searcher.settings = SearchSettings(nprobe=GPU_MAX_K + 1)
     assert not searcher._gpu_can(10)
 
 
@@ -160,19 +121,19 @@ def test_two_million_vectors_in_256m_compressed_tuned_and_searched_the_same(tmp_
     """2M x 128 (Flat: 1 GB) with --max-index-memory 256M: OPQ + IVF-PQ, re-ranked."""
     index, n, dim, budget = tmp_path / "big.faiss", 2_000_000, 128, 256 << 20
     choice = planner.IndexChoice("auto", budget, 0.9).to_meta()
-    made = run(MAKE, str(index), str(n), str(dim), json.dumps(choice))
+    made = run("make", str(index), str(n), str(dim), json.dumps(choice))
     assert made["items"] == n and made["factory"].startswith("OPQ32,IVF")
     assert os.path.getsize(index) <= budget
     q = fresh_queries(300, dim)
     np.save(tmp_path / "q.npy", q)
-    searched = run(SEARCH, str(index), str(tmp_path / "q.npy"), str(tmp_path / "ids.npy"))
+    searched = run("search", str(index), str(tmp_path / "q.npy"), str(tmp_path / "ids.npy"))
     info = searched["info"]
     assert info["ram_bytes"] == os.path.getsize(index) and info["recall_at_10"] >= 0.9
     assert searched["peak_above_imports"] < budget, searched
     ours = np.load(tmp_path / "ids.npy")
     # measured, not assumed: recall@10 of fresh queries against exact search
     truth = exact(index, q)
-    assert vec.recall_at(ours, truth) >= 0.9
+    assert recall_at(ours, truth) >= 0.9
     # FAISS directly, with the tuned settings, re-ranked by the stored vectors: the same
     raw = faiss.read_index(str(index))
     ps = faiss.ParameterSpace()
@@ -201,27 +162,27 @@ def test_on_disk_lists_answer_as_in_memory_with_less_rss_and_take_changes(tmp_pa
     """--on-disk: IVF-Flat lists in a file, memory-mapped; add/remove into new lists."""
     index, n, dim = tmp_path / "disk.faiss", 400_000, 128
     choice = planner.IndexChoice("auto", 64 << 20, 0.95, True).to_meta()
-    made = run(MAKE, str(index), str(n), str(dim), json.dumps(choice))
+    made = run("make", str(index), str(n), str(dim), json.dumps(choice))
     assert made["factory"].startswith("IVF") and "on disk" in made["summary"]
     lists = list(tmp_path.glob("disk.faiss.lists-*"))
     assert len(lists) == 1 and lists[0].stat().st_size > n * dim * 4
     assert os.path.getsize(index) < 64 << 20
     q = fresh_queries(200, dim)
     np.save(tmp_path / "q.npy", q)
-    searched = run(SEARCH, str(index), str(tmp_path / "q.npy"), str(tmp_path / "ids.npy"))
+    searched = run("search", str(index), str(tmp_path / "q.npy"), str(tmp_path / "ids.npy"))
     assert searched["info"]["on_disk"] and searched["peak_above_imports"] < lists[0].stat().st_size
     ours = np.load(tmp_path / "ids.npy")
     # the same index with its lists copied into memory answers identically
-    disk = vec.read(index, dim)
-    memory = vec.to_memory(disk)
-    assert not vec.on_disk(memory) and memory.ntotal == disk.ntotal == n
-    settings = vec.SearchSettings(searched["info"]["nprobe"])
-    for other in (vec.Searcher(memory, settings, "cpu"), vec.Searcher(disk, settings, "cpu")):
+    disk = read(index, dim)
+    memory = to_memory(disk)
+    assert not on_disk(memory) and memory.ntotal == disk.ntotal == n
+    settings = SearchSettings(searched["info"]["nprobe"])
+    for other in (Searcher(memory, settings, "cpu"), Searcher(disk, settings, "cpu")):
         assert np.array_equal(other.search(q, 10)[1], ours)
-    assert vec.recall_at(ours, exact(index, q)) >= 0.95
+    assert recall_at(ours, exact(index, q)) >= 0.95
     del disk, memory
     # incremental: remove every 10th, add 5% new; every kept vector is found under its id
-    run(MAKE, str(index), str(n), str(dim), json.dumps(choice), "change")
+    run("make", str(index), str(n), str(dim), json.dumps(choice), "change")
     assert [p.name for p in tmp_path.glob("disk.faiss.lists-*")] == ["disk.faiss.lists-2"]
     store = ShardedStore(index)
     try:
@@ -230,32 +191,30 @@ def test_on_disk_lists_answer_as_in_memory_with_less_rss_and_take_changes(tmp_pa
         vectors, _ = store.gather(probe)
     finally:
         store.close()
-    disk = vec.read(index, dim)
-    assert np.array_equal(np.sort(vec.ids_of(disk)), np.sort(wanted))
-    _, found = vec.Searcher(disk, vec.SearchSettings(64), "cpu").search(vectors, 1)
+    disk = read(index, dim)
+    assert np.array_equal(np.sort(ids_of(disk)), np.sort(wanted))
+    _, found = Searcher(disk, SearchSettings(64), "cpu").search(vectors, 1)
     assert np.array_equal(found[:, 0], probe)
 
 
 def test_a_reader_of_on_disk_lists_that_lags_the_store_hides_and_adds(tmp_path, monkeypatch):
     """Between a writer's commits and its build, a reader never edits the mapped lists: the
     removed ids are hidden, the new ones searched beside them; the build then patches."""
+    import mocoserve.index.faissfile
     import mocoserve.index.reader
-    from mocoserve.index.formats import NewItem
-    from mocoserve.index.store import Catalog, sidecar_path
+    from mocoserve.core.manifest import ModelFacts
+    from mocoserve.index.items import NewItem
     from mocoserve.index.writer import IndexWriter
 
     index, n, dim = tmp_path / "lag.faiss", 6000, 32
-    catalog = Catalog(sidecar_path(index))
-    catalog.set_meta({"format_version": "2", "dim": str(dim), "shards": "2"})
-    catalog.set_meta({"store_dtype": "float32", "factory": "Flat"})
-    catalog.set_meta(planner.IndexChoice("auto", 1 << 20, 0.95, True).to_meta())
-    catalog.close()
-    x = vec.normalize(np.random.default_rng(3).normal(size=(n + 100, dim)))
+    x = normalize(np.random.default_rng(3).normal(size=(n + 100, dim)))
 
     def items(rows):
         return [NewItem(f"/v/{i:05d}", None, "0", 1, 1, 1, 1, x[i]) for i in rows]
 
     with IndexWriter(index) as w:
+        choice = planner.IndexChoice("auto", 1 << 20, 0.95, True)
+        w.prepare(ModelFacts("0" * 64, dim), 2, choice=choice)  # vectors no package made
         w.own(range(2))
         w.commit(items(range(n)), [])
         assert "of lists on disk" in w.build().summary
@@ -263,20 +222,24 @@ def test_a_reader_of_on_disk_lists_that_lags_the_store_hides_and_adds(tmp_path, 
         w.commit(items(range(n, n + 100)), [])  # committed, not built
         lists = sorted(p.name for p in tmp_path.glob("lag.faiss.lists-*"))
         reader = mocoserve.index.reader.open(index, readonly=True)
-        assert reader.repaired and vec.on_disk(reader.index)
+        assert reader.repaired and on_disk(reader.index)
         hits = reader.search_vectors(x[:100], k=1)
-        assert all(not row or row[0].path != f"/v/{i:05d}" for i, row in enumerate(hits))
+        assert [len(row) for row in hits] == [1] * 100  # a neighbour, never the removed one
+        assert all(row[0].path != f"/v/{i:05d}" for i, row in enumerate(hits))
         found = reader.search_vectors(x[n : n + 100], k=1)
         assert [row[0].path for row in found] == [f"/v/{i:05d}" for i in range(n, n + 100)]
         assert sorted(p.name for p in tmp_path.glob("lag.faiss.lists-*")) == lists  # untouched
         # more new vectors than a reader holds beside the lists: they wait for the build,
         # and the reader still opens and searches (removed ids still hidden)
-        monkeypatch.setattr(mocoserve.index.reader, "EXTRA_LIMIT", 50)
+        monkeypatch.setattr(mocoserve.index.faissfile, "EXTRA_LIMIT", 50)
         limited = mocoserve.index.reader.open(index, readonly=True)
         hits = limited.search_vectors(x[:100], k=1)
-        assert all(not row or row[0].path != f"/v/{i:05d}" for i, row in enumerate(hits))
+        assert [len(row) for row in hits] == [1] * 100
+        assert all(row[0].path != f"/v/{i:05d}" for i, row in enumerate(hits))
         new = {f"/v/{i:05d}" for i in range(n, n + 100)}
-        assert not {row[0].path for row in limited.search_vectors(x[n : n + 100], k=1)} & new
+        waiting = limited.search_vectors(x[n : n + 100], k=1)
+        assert [len(row) for row in waiting] == [1] * 100
+        assert not {row[0].path for row in waiting} & new
         limited.close()
         w.build()
     reader.close()

@@ -8,7 +8,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mocoserve.ann import knn
-from mocoserve.ann import vectors as vec
+from mocoserve.ann.factory import normalize
 from mocoserve.cli import app
 from tests.imagegen import class_image, make_labelled
 
@@ -19,7 +19,7 @@ def labelled_vectors(n: int, classes: int, dim: int = 16, seed: int = 0):
     rng = np.random.default_rng(seed)
     centres = np.random.default_rng(99).normal(size=(classes, dim))
     labels = rng.integers(0, classes, n)
-    return vec.normalize(centres[labels] + 1.2 * rng.normal(size=(n, dim))), labels
+    return normalize(centres[labels] + 1.2 * rng.normal(size=(n, dim))), labels
 
 
 def brute_force(train, train_labels, queries, classes, k, t, loo=False, uniform=False):

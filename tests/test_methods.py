@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mocoserve.core.errors import UserError
-from mocoserve.train.config import ModelConfig, build_config, method_defaults
+from mocoserve.train.config import ModelConfig
+from mocoserve.train.configure import build_config, method_defaults
 from mocoserve.train.methods import MoCo, SupConQueue, build_method
 from mocoserve.train.models import Encoder, SplitBatchNorm
 from mocoserve.train.trainer import lr_factor

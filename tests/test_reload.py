@@ -20,11 +20,12 @@ import pytest
 import mocoserve.index.reader
 from mocoserve.ann.planner import IndexChoice
 from mocoserve.core.errors import UserError
-from mocoserve.index.formats import NewItem
-from mocoserve.index.store import shards_path
+from mocoserve.core.manifest import ModelFacts
+from mocoserve.index.files import IndexFiles
+from mocoserve.index.items import NewItem
 from mocoserve.index.writer import IndexWriter
 from mocoserve.model import load
-from mocoserve.service.app import create_app
+from mocoserve.service.main import create_app
 from mocoserve.service.state import ServiceConfig, ServiceState
 from tests.models import make_checkpoint
 from tests.test_service import Server
@@ -73,7 +74,7 @@ def write(
     paths = [f"/data/{prefix}{i:04d}" for i in range(len(vectors))]
     labels = labels or [None] * len(vectors)
     with IndexWriter(index) as w:
-        w.prepare(encoder, choice=choice)
+        w.prepare(ModelFacts.of_package(encoder.path), choice=choice)
         w.own(range(w.shard_count))
         if remove:
             w.remove_paths(remove)
@@ -104,7 +105,7 @@ def replace(index: Path, staged: Path) -> None:
 def break_shard_db(index: Path) -> None:
     """Garble the items table's root page: the database opens and its meta table reads,
     and sqlite3 raises DatabaseError ('malformed') on the first read of the items."""
-    db = next(shards_path(index).glob("*/items.db"))
+    db = next(IndexFiles(index).shards.glob("*/items.db"))
     with sqlite3.connect(db) as conn:
         root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'items'").fetchone()
         page = conn.execute("PRAGMA page_size").fetchone()[0]
@@ -177,7 +178,7 @@ def test_a_failed_reload_of_the_same_file_is_retried_after_a_pause(tmp_path, enc
     errors: list[str] = []
     state.on_reload_error.append(errors.append)
     write(index, encoder, unit_vectors(5, seed=2), "b")
-    db = next(shards_path(index).glob("*/items.db"))
+    db = next(IndexFiles(index).shards.glob("*/items.db"))
     good_bytes = db.read_bytes()
     break_shard_db(index)
     assert state.reload_if_changed() is False
@@ -293,7 +294,7 @@ def test_removed_items_are_searched_past_until_the_next_build(tmp_path, encoder,
     nearest = np.argsort(-(vectors @ query[0]))
     gone = [paths[i] for i in nearest[:40]]  # the query's whole neighbourhood
     with IndexWriter(index) as w:  # committed; the FAISS file is built at the end of a run
-        w.prepare(encoder)
+        w.prepare(ModelFacts.of_package(encoder.path))
         w.own(range(w.shard_count))
         w.remove_paths(gone)
     k = 5

@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 
 import mocoserve.index.reader
-from mocoserve.ann import vectors as vec
-from mocoserve.index.formats import NewItem, Sidecar
-from mocoserve.index.store import Shard, ShardedStore, open_store, shard_of, shards_path
+from mocoserve.ann.factory import new_index, normalize
+from mocoserve.ann.io import read, write_atomic
+from mocoserve.index.files import IndexFiles
+from mocoserve.index.formats import Sidecar, open_store
+from mocoserve.index.items import NewItem
+from mocoserve.index.store import Shard, ShardedStore, shard_of
 from tests.imagegen import class_image, make_labelled
 from tests.stores import committed, rows
 
@@ -56,7 +59,7 @@ def assert_same_index(a: Path, b: Path) -> None:
     queries = np.stack([v[3] for v in ra.values()])
     paths = lambda idx: [[h.path for h in hits] for hits in idx.search_vectors(queries, 5)]  # noqa: E731
     assert paths(ia) == paths(ib)
-    assert vec.read(a, ia.dim) is not None and vec.read(b, ib.dim) is not None
+    assert read(a, ia.dim) is not None and read(b, ib.dim) is not None
 
 
 @pytest.fixture
@@ -205,7 +208,7 @@ def environ(pid: int) -> dict[str, str]:
 def make_format_1_index(index: Path, model_dir: Path, folder: Path) -> None:
     """An index as mocoserve wrote them before sharding: every vector inside the sidecar."""
     from mocoserve.core.decode import decode_file
-    from mocoserve.index.writer import model_fingerprint
+    from mocoserve.core.manifest import model_fingerprint
     from mocoserve.model import load, to_input
 
     encoder = load(model_dir)
@@ -222,7 +225,7 @@ def make_format_1_index(index: Path, model_dir: Path, folder: Path) -> None:
     items = []
     for path in sorted(str(p) for p in folder.rglob("*.*")):
         d = decode_file(path, encoder.resize, encoder.input_size)
-        v = vec.normalize(encoder.embed(to_input(d.pixels[None])))[0]
+        v = normalize(encoder.embed(to_input(d.pixels[None])))[0]
         label = Path(path).parent.name
         items.append(NewItem(path, label, d.sha256, d.bytes, d.mtime, d.width, d.height, v))
     sidecar.commit_batch(items[:10], [])
@@ -230,9 +233,9 @@ def make_format_1_index(index: Path, model_dir: Path, folder: Path) -> None:
     sidecar.commit_batch(items[10:], [("/gone/bad.jpg", "not an image")])
     blocks = list(sidecar.vectors())
     ids, vectors = np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
-    index_ = vec.new_index("Flat", encoder.embedding_dim)
+    index_ = new_index("Flat", encoder.embedding_dim)
     index_.add_with_ids(vectors, ids)
-    vec.write_atomic(index_, index)
+    write_atomic(index_, index)
     sidecar.close()
 
 
@@ -303,8 +306,8 @@ def test_a_float16_store_halves_the_disk_and_keeps_search_quality(
     index = tmp_path / "half.faiss"
     made = cli(*embed_cmd(images, index, "--model", str(model_dir), "--store-dtype", "float16"))
     assert made.returncode == 0, made.stderr
-    full = sum(f.stat().st_size for f in shards_path(reference).glob("*/vectors-*"))
-    half = sum(f.stat().st_size for f in shards_path(index).glob("*/vectors-*.f16"))
+    full = sum(f.stat().st_size for f in IndexFiles(reference).shards.glob("*/vectors-*"))
+    half = sum(f.stat().st_size for f in IndexFiles(index).shards.glob("*/vectors-*.f16"))
     assert half * 2 == full
     a, b = rows(reference), rows(index)
     cosines = [float(a[p][3] @ b[p][3]) for p in a]
@@ -349,18 +352,17 @@ def test_a_torn_tail_is_truncated_and_a_lost_write_is_re_embedded(tmp_path):
 SCALE_SCRIPT = """
 import os, sys, time, resource
 import numpy as np
-from mocoserve.index.formats import NewItem
+from mocoserve.index.items import NewItem
+from mocoserve.ann.planner import IndexChoice
+from mocoserve.core.manifest import ModelFacts
 from mocoserve.index.writer import IndexWriter
-from mocoserve.index.store import Catalog, sidecar_path, shard_of
+from mocoserve.index.store import shard_of
 # what the imports alone hold (faiss-gpu maps its CUDA libraries): the work is measured above
 print("baseline_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, flush=True)
 index, n, dim, start = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-catalog = Catalog(sidecar_path(index))
-if catalog.get_meta("dim") is None:
-    catalog.set_meta({"format_version": "2", "dim": str(dim), "shards": "4",
-                      "store_dtype": "float32", "index_type": "IVF64,PQ16", "factory": "Flat"})
-catalog.close()
 with IndexWriter(index) as w:
+    # vectors no package made: a stand-in fingerprint, the same on every resume
+    w.prepare(ModelFacts("0" * 64, dim), 4, "float32", IndexChoice("IVF64,PQ16"))
     w.own(range(4))
     # resume as embed does: by path (a batch spans shards, committed shard by shard)
     have = {int(p.rsplit("/", 1)[1]) for s in w.shards.values() for p in s.stats()}

@@ -18,8 +18,8 @@ import pytest
 from typer.testing import CliRunner
 
 from mocoserve.cli import app
-from mocoserve.index.formats import NewItem
-from mocoserve.index.store import Catalog, sidecar_path
+from mocoserve.core.manifest import ModelFacts
+from mocoserve.index.items import NewItem
 from mocoserve.index.writer import IndexWriter
 from tests.imagegen import class_image
 from tests.test_service import Server
@@ -29,15 +29,13 @@ IDLE, HEADER, BODY, PER_CLIENT = 1.0, 1.5, 2.0, 6
 SLACK = 2.0  # seconds a close may come after its deadline on a busy 2-core machine
 
 
-def make_vector_index(index: Path, n: int, dim: int) -> None:
+def make_vector_index(index: Path, n: int, model_dir: Path) -> None:
     """An index of n seeded unit vectors written the way embed writes one (no images)."""
-    catalog = Catalog(sidecar_path(index))
-    meta = {"format_version": "2", "dim": str(dim), "shards": "2", "store_dtype": "float32"}
-    catalog.set_meta({**meta, "factory": "Flat"})
-    catalog.close()
-    vectors = np.random.default_rng(0).standard_normal((n, dim), dtype=np.float32)
+    facts = ModelFacts.of_package(model_dir)
+    vectors = np.random.default_rng(0).standard_normal((n, facts.dim), dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     with IndexWriter(index) as writer:
+        writer.prepare(facts, shards=2)
         writer.own(range(2))
         items = [
             NewItem(f"/v/{i:05d}.png", None, "0", 1, 1, 8, 8, v) for i, v in enumerate(vectors)
@@ -49,7 +47,7 @@ def make_vector_index(index: Path, n: int, dim: int) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_dir) -> Iterator[Server]:
     index = tmp_path_factory.mktemp("limits") / "vectors.faiss"
-    make_vector_index(index, ITEMS, DIM)
+    make_vector_index(index, ITEMS, model_dir)
     s = Server(
         "--index", str(index), "--model", str(model_dir), "--no-ui",
         "--max-connections", "8", "--max-connections-per-client", str(PER_CLIENT),

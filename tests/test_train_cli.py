@@ -161,7 +161,7 @@ def test_linear_probe_keeps_backbone_and_reports(labelled_dir, val_dir, tmp_path
 def test_linear_probe_fails_when_its_backbone_moves(labelled_dir, tmp_path, monkeypatch):
     """The protocol's check: a probe whose BN statistics drift (train mode) fails the run."""
     from mocoserve.core.errors import RunError
-    from mocoserve.train.config import build_config
+    from mocoserve.train.configure import build_config
     from mocoserve.train.methods import LinearProbe
     from mocoserve.train.trainer import Trainer
 

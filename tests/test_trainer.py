@@ -22,13 +22,8 @@ from mocoserve.train.augment import (
     draw_view_params,
 )
 from mocoserve.train.checkpoint import Checkpointer
-from mocoserve.train.config import (
-    DataConfig,
-    TrainConfig,
-    build_config,
-    method_defaults,
-    parse_set,
-)
+from mocoserve.train.config import DataConfig, TrainConfig, parse_set
+from mocoserve.train.configure import build_config, method_defaults
 from mocoserve.train.data import EpochSampler
 from mocoserve.train.methods import METHODS, LinearProbe, MoCo, SupCon, SupConQueue, get_spec
 from mocoserve.train.metrics import MetricsLog

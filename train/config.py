@@ -1,16 +1,15 @@
 """Typed training configuration: one small dataclass per component, combined in `TrainConfig`.
 
-Precedence, lowest first: the method's paper defaults (from the method registry), a preset,
-a YAML file, CLI options and `--set section.field=value`. Every value is converted by its
-field's type annotation and checked; a wrong type is a one-line UserError. The resolved
-config is written to `config.yaml` and saved inside every checkpoint.
+Every value is converted by its field's type annotation and checked; a wrong type is a
+one-line UserError. This module knows no method: `configure.build_config` resolves a run's
+config (the method's paper defaults from the registry, a preset, a YAML file, options) and
+checks it. The resolved config is written to `config.yaml` and saved inside every checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,11 +18,11 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from mocoserve.core.decode import default_workers
 from mocoserve.core.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MAX_DEFAULT_WORKERS = 8
 DEFAULT_METHOD = "moco-v2"
 
 
@@ -51,17 +50,7 @@ class DataConfig:
         """Worker processes per training process: as configured, else what the machine has."""
         if self.workers is not None:
             return self.workers
-        return default_workers()
-
-
-def default_workers() -> int:
-    """The cores this process may use (its affinity, shared by torchrun's local processes)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(MAX_DEFAULT_WORKERS, cores // max(1, local)))
+        return default_workers(spare=0)
 
 
 @dataclass
@@ -137,7 +126,8 @@ class TrainConfig:
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
-# Presets apply to every method; a method adds its own part (MethodSpec.presets).
+# Presets apply to every method; a method adds its own part (MethodSpec.presets),
+# both applied by configure.apply_preset.
 PRESETS: dict[str, dict[str, Any]] = {
     # small images, after the MoCo CIFAR-10 demo: 32 px, 3x3 stem, 8 BN splits, lr per 512
     "cifar": {
@@ -158,26 +148,6 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj
-
-
-def method_defaults(method: str) -> TrainConfig:
-    """The paper defaults of a method, from its entry in the method registry."""
-    from mocoserve.train.methods import get_spec
-
-    spec = get_spec(method)
-    cfg = TrainConfig()
-    apply_overrides(cfg, {"method.name": spec.name, **spec.defaults}, source="method default")
-    return cfg
-
-
-def apply_preset(cfg: TrainConfig, preset: str) -> None:
-    """A preset's common settings, then the method's own part of it."""
-    from mocoserve.train.methods import get_spec
-
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    apply_overrides(cfg, PRESETS[preset], source="preset")
-    apply_overrides(cfg, get_spec(cfg.method.name).presets.get(preset, {}), source="preset")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -324,29 +294,6 @@ def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def build_config(
-    method: str | None = None,
-    preset: str | None = None,
-    yaml_file: str | Path | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> TrainConfig:
-    """Paper defaults of the method, then the preset, the YAML file and the explicit overrides.
-
-    The method is `method` if given, else the YAML file's `method.name`, else moco-v2.
-    """
-    from_file = flatten(load_yaml(yaml_file)) if yaml_file else {}
-    overrides = overrides or {}
-    chosen = method or overrides.get("method.name") or from_file.get("method.name")
-    chosen = chosen or DEFAULT_METHOD
-    cfg = method_defaults(convert(chosen, str, "method.name"))
-    if preset:
-        apply_preset(cfg, preset)
-    apply_overrides(cfg, from_file, source="config")
-    apply_overrides(cfg, {**overrides, "method.name": chosen})
-    validate(cfg)
-    return cfg
-
-
 # Fields that define the network and its state; a checkpoint resumes only under the same ones.
 IDENTITY_FIELDS = (
     "method.name",
@@ -364,11 +311,9 @@ def get_field(cfg: TrainConfig, key: str) -> Any:
     return getattr(getattr(cfg, section), name)
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Reject inconsistent settings with one clear message each; the method checks its own."""
-    from mocoserve.train.augment import recipe
-    from mocoserve.train.methods import get_spec
-
+def check_settings(cfg: TrainConfig) -> None:
+    """Reject inconsistent settings with one clear message each (configure.validate adds the
+    augmentation recipe's and the method's own checks)."""
     o, m, mo, d, r = cfg.optim, cfg.method, cfg.model, cfg.data, cfg.run
     checks = [
         (o.epochs >= 1, f"--epochs must be at least 1, got {o.epochs}"),
@@ -405,5 +350,3 @@ def validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    recipe(d.augmentation)
-    get_spec(m.name).cls.check_config(cfg)

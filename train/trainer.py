@@ -35,13 +35,12 @@ from mocoserve.train.checkpoint import Checkpointer, header, latest, load
 from mocoserve.train.config import (
     IDENTITY_FIELDS,
     TrainConfig,
-    build_config,
     flatten,
     get_field,
     load_yaml,
     save_yaml,
-    validate,
 )
+from mocoserve.train.configure import build_config, validate
 from mocoserve.train.data import EpochSampler, FolderIndex, ImageDataset, make_loader, scan_folder
 from mocoserve.train.evaluate import Evaluator
 from mocoserve.train.methods import build_method, get_spec

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mocoserve.ann import vectors as vec
+from mocoserve.ann.factory import new_index
+from mocoserve.ann.search import Searcher
 
 PRESETS: dict[str, dict] = {
     "dino": {"k": 20, "temperature": 0.07, "ks": (10, 20, 100, 200)},
@@ -33,9 +34,9 @@ def neighbours(
     `self_ids[i]` is query i's own row in `train` (leave-one-out), dropped from its list.
     """
     k = min(k, len(train) - (1 if self_ids is not None else 0))
-    index = vec.new_index("Flat", train.shape[1])
+    index = new_index("Flat", train.shape[1])
     index.add_with_ids(np.ascontiguousarray(train, dtype=np.float32), np.arange(len(train)))
-    searcher = vec.Searcher(index, None, device)
+    searcher = Searcher(index, None, device)
     extra = 1 if self_ids is not None else 0
     sims = np.empty((len(queries), k), dtype=np.float32)
     rows = np.empty((len(queries), k), dtype=np.int64)

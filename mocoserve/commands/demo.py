@@ -11,7 +11,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mocoserve.commands.options import OutOpt, SeedOpt, check_loading, guarded, workers_opt
+from mocoserve.commands.options import (
+    EXPORT_MODULES,
+    TRAIN_MODULES,
+    OutOpt,
+    SeedOpt,
+    check_loading,
+    guarded,
+    needs,
+    workers_opt,
+)
 
 app = typer.Typer()
 
@@ -40,6 +49,7 @@ def demo(
     from mocoserve.demo import run_demo
 
     def work():
+        needs("train", *dict.fromkeys(TRAIN_MODULES + EXPORT_MODULES), command="demo")  # + export
         check_loading(None, workers)  # before the digits are written
         return run_demo(out, epochs, seed or 0, 2 if workers is None else workers)
 
@@ -55,7 +65,7 @@ def demo(
     console.print(f"run:         {result.out / 'run'} (metrics.jsonl, tb/, config.yaml)")
     console.print(f"checkpoint:  {result.checkpoint}")
     console.print(f"model:       {result.model} (ONNX + TorchScript, manifest.json)")
-    console.print(f"index:       {result.index} (+ .db sidecar)")
+    console.print(f"index:       {result.index} (+ .db catalog)")
     console.print(
         f"report:      {result.report}/report.md (random weights: {result.random_report})"
     )

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mocoserve.commands.options import guarded
+from mocoserve.commands.options import EXPORT_MODULES, guarded, needs
 
 app = typer.Typer()
 
@@ -41,6 +41,7 @@ def export(
     """Fold a checkpoint's query encoder into a verified ONNX + TorchScript model package."""
 
     def work() -> None:
+        needs("train", *EXPORT_MODULES, command="export")
         from mocoserve.export.package import ExportError, export_checkpoint
 
         try:

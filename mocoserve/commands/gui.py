@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mocoserve.commands.options import DeviceOpt, ModelOpt, guarded
+from mocoserve.commands.options import APP_MODULES, DeviceOpt, ModelOpt, guarded, needs
 from mocoserve.core.errors import UserError
 
 app = typer.Typer()
@@ -38,6 +38,7 @@ def app_command(
     """Start the similar-image-search web app on an index."""
 
     def work() -> None:
+        needs("app", *APP_MODULES, command="app")
         import logging
 
         import mocoserve.index.reader

@@ -23,6 +23,7 @@ from rich.progress import (
 from rich.table import Table
 
 from mocoserve.commands.options import (
+    PARQUET_MODULES,
     BatchSizeOpt,
     DeviceOpt,
     IndexArg,
@@ -32,6 +33,7 @@ from mocoserve.commands.options import (
     WorkersOpt,
     check_loading,
     guarded,
+    needs,
 )
 from mocoserve.core.errors import UserError
 from mocoserve.core.files import path_text, shown
@@ -369,11 +371,13 @@ def build(
 
     def work() -> None:
         from mocoserve.ann.planner import IndexChoice, parse_size
+        from mocoserve.index.catalog import catalog_damage
         from mocoserve.index.dbfile import format_version
-        from mocoserve.index.store import catalog_damage, migrate, sidecar_path
+        from mocoserve.index.files import IndexFiles
+        from mocoserve.index.formats import migrate
         from mocoserve.index.writer import IndexWriter, shards_done
 
-        if format_version(sidecar_path(index)) is None:
+        if format_version(IndexFiles(index).catalog) is None:
             damage = catalog_damage(index)
             raise UserError(
                 damage or f"{index} is not an index (no {index}.db); make one with embed"
@@ -381,7 +385,7 @@ def build(
         budget = parse_size(max_index_memory) if max_index_memory is not None else None
         choice = IndexChoice(index_type, budget, recall_target, on_disk)
         with IndexWriter(index) as writer:
-            if format_version(sidecar_path(index)) == 1:
+            if format_version(IndexFiles(index).catalog) == 1:
                 print(f"moved {migrate(index)} items to the sharded layout (no re-embedding)")
             done, _ = shards_done(index)
             if not done:
@@ -489,11 +493,13 @@ def migrate_command(index: IndexArg) -> None:
     """Move a format-1 index (vectors inside SQLite) to the sharded layout, keeping its ids."""
 
     def work() -> None:
+        from mocoserve.index.catalog import FORMAT_VERSION
         from mocoserve.index.dbfile import format_version
-        from mocoserve.index.store import FORMAT_VERSION, migrate, sidecar_path
+        from mocoserve.index.files import IndexFiles
+        from mocoserve.index.formats import migrate
         from mocoserve.index.writer import IndexWriter
 
-        version = format_version(sidecar_path(index))
+        version = format_version(IndexFiles(index).catalog)
         if version is None:
             raise UserError(f"{index} is not an index (no {index}.db); make one with embed")
         if version == FORMAT_VERSION:
@@ -520,9 +526,11 @@ def export_command(
     """Write embeddings and metadata as autofaiss and clip-retrieval read them."""
 
     def work() -> None:
+        needs("parquet", *PARQUET_MODULES, command="index export")
         from mocoserve.index.export import export_index
+        from mocoserve.index.files import IndexFiles
 
-        if not Path(f"{index}.db").is_file():
+        if not IndexFiles(index).catalog.is_file():
             raise UserError(f"{index} is not an index (no {index}.db); make one with embed")
         done = export_index(index, to, fmt)
         print(f"{to}: {done['items']} embeddings ({done['dim']}-d) in {done['files']} file(s)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from collections.abc import Callable
@@ -53,7 +54,7 @@ ModelOpt = Annotated[
     Path | None,
     typer.Option("--model", "-m", help="Model package folder (made by export)."),
 ]
-IndexArg = Annotated[Path, typer.Argument(help="Index file (its sidecar is INDEX.db).")]
+IndexArg = Annotated[Path, typer.Argument(help="Index file (its catalog is INDEX.db).")]
 KOpt = Annotated[int, typer.Option("--k", "-k", help="Neighbours to return.", min=1)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
@@ -115,6 +116,33 @@ def check_loading(batch_size: int | None, workers: int | None) -> None:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if workers is not None and workers < 0:
         raise UserError(f"--workers must be >= 0, got {workers}")
+
+
+def needs(extra: str, *modules: str, command: str, instead: str | None = None) -> None:
+    """A UserError (exit 2) naming the extra to install if any of `modules` is not installed.
+
+    Checked before a command's lazy imports, so a missing extra is one line, not a traceback.
+    `command` is what the user ran (`index export`); `instead` another way out (`--no-ui`).
+    """
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package missing, or a broken one
+            found = False
+        if not found:
+            other = f" (or {instead})" if instead else ""
+            raise UserError(
+                f"mocoserve {command} needs the [{extra}] extra: "
+                f"pip install 'mocoserve[{extra}]'{other}"
+            )
+
+
+# The modules each extra brings that a command imports (pyproject.toml's extras).
+TRAIN_MODULES = ("torch", "torchvision", "tensorboard")
+EXPORT_MODULES = ("torch", "torchvision", "onnx", "onnxscript")
+SERVE_MODULES = ("fastapi", "fastapi_offline", "uvicorn", "prometheus_client", "orjson", "pydantic")
+APP_MODULES = ("gradio",)
+PARQUET_MODULES = ("pyarrow",)
 
 
 def _is_main_process() -> bool:

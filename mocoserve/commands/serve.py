@@ -6,13 +6,17 @@ import socket
 import stat
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from mocoserve.commands.options import DeviceOpt, guarded
+from mocoserve.commands.options import APP_MODULES, SERVE_MODULES, DeviceOpt, guarded, needs
 from mocoserve.core.decode import MAX_IMAGE_PIXELS
 from mocoserve.core.errors import RunError, UserError
+
+if TYPE_CHECKING:
+    from mocoserve.service.connections import ConnectionLimits
+    from mocoserve.service.state import ServiceConfig
 
 app = typer.Typer()
 
@@ -161,51 +165,29 @@ def serve(
     """
 
     def work() -> None:
-        import logging
-
-        import uvicorn
-        from PIL import Image
-
-        from mocoserve.core.manifest import Manifest
-        from mocoserve.service.app import create_app
-        from mocoserve.service.connections import ConnectionLimits, protocol_class
+        needs("serve", *SERVE_MODULES, command="serve")
+        if ui and index is not None:  # the page at /ui is the Gradio app
+            needs("app", *APP_MODULES, command="serve --ui", instead="--no-ui")
+        from mocoserve.service.connections import ConnectionLimits
         from mocoserve.service.state import ServiceConfig
 
-        if index is None and model is None:
-            raise UserError("give --index (search and embeddings) or --model (embeddings only)")
-        if index is not None and not Path(f"{index}.db").is_file():
-            raise UserError(f"{index} is not an index (no {index}.db); make one with embed")
-        if model is not None:
-            Manifest.read(model)  # a clear error now, not in the background
-        checks = [
-            (1 <= port <= 65535, "--port must be from 1 to 65535"),
-            (1 <= max_batch <= 4096, "--max-batch must be from 1 to 4096"),
-            (0 <= max_delay_ms <= 10_000, "--max-delay-ms must be from 0 to 10000"),
-            (max_queue >= max_batch, "--max-queue must be at least --max-batch"),
-            (max_connections >= 1, "--max-connections must be at least 1"),
-            (max_connections_per_client >= 0, "--max-connections-per-client must be 0 or more"),
-            *(
-                (0 < seconds <= 3600, f"{name} must be above 0, at most 3600 (seconds)")
-                for name, seconds in (
-                    ("--idle-timeout", idle_timeout),
-                    ("--header-timeout", header_timeout),
-                    ("--body-timeout", body_timeout),
-                )
-            ),
-            (0 < max_upload_mb <= 1024, "--max-upload-mb must be above 0, at most 1024"),
-            # above Pillow's own guard (core/images.py), Pillow would refuse first
-            (
-                1 <= max_image_pixels <= Image.MAX_IMAGE_PIXELS,
-                f"--max-image-pixels must be from 1 to {Image.MAX_IMAGE_PIXELS}",
-            ),
-            (
-                max_request_pixels >= max_image_pixels,
-                "--max-request-pixels must be at least --max-image-pixels",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        check_inputs(index, model)
+        check_limits(
+            port=port,
+            max_batch=max_batch,
+            max_delay_ms=max_delay_ms,
+            max_queue=max_queue,
+            max_connections=max_connections,
+            max_connections_per_client=max_connections_per_client,
+            timeouts={
+                "--idle-timeout": idle_timeout,
+                "--header-timeout": header_timeout,
+                "--body-timeout": body_timeout,
+            },
+            max_upload_mb=max_upload_mb,
+            max_image_pixels=max_image_pixels,
+            max_request_pixels=max_request_pixels,
+        )
         config = ServiceConfig(
             model=model,
             index=index,
@@ -222,45 +204,114 @@ def serve(
             max_image_pixels=max_image_pixels,
             max_request_pixels=max_request_pixels,
         )
-        logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-        logging.getLogger("mocoserve").setLevel(logging.INFO)
-        failed: list[str] = []
-        server: uvicorn.Server | None = None
-
-        def fatal(message: str) -> None:
-            failed.append(message)
-            if server is not None:
-                server.should_exit = True
-
-        sockets = listen(host, port)
-        service = create_app(config, on_fatal=fatal)
-        server = uvicorn.Server(
-            uvicorn.Config(
-                service,
-                host=host,
-                port=port,
-                log_level="warning",
-                access_log=access_log,
-                # requests in flight are limited in the app (a JSON 503; /healthz exempt), not
-                # by uvicorn's limit_concurrency, which counts idle connections too
-                http=protocol_class(
-                    ConnectionLimits(
-                        idle_timeout, header_timeout, body_timeout, max_connections_per_client
-                    )
-                ),
-                timeout_keep_alive=idle_timeout,  # type: ignore[arg-type]  # takes a float
-                timeout_graceful_shutdown=10,
-            )
+        limits = ConnectionLimits(
+            idle_timeout, header_timeout, body_timeout, max_connections_per_client
         )
-        where = f"http://{host}:{port}"
-        parts = ["API /v1 (docs: /docs)", *(["UI /ui"] if ui and index else [])]
-        print(f"serving on {where}: {', '.join(parts)}", flush=True)
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            print("note: reachable from other machines (--host)", flush=True)
-            if not config.api_keys:
-                print("note: no --api-key-file: anyone who can reach it can use it", flush=True)
-        server.run(sockets=sockets)
-        if failed:
-            raise UserError(failed[0])
+        run_service(config, host, port, limits, access_log)
 
     guarded(work)
+
+
+def check_inputs(index: Path | None, model: Path | None) -> None:
+    """An index or a model (or both) that exist; a clear error now, not in the background."""
+    from mocoserve.core.manifest import Manifest
+    from mocoserve.index.files import IndexFiles
+
+    if index is None and model is None:
+        raise UserError("give --index (search and embeddings) or --model (embeddings only)")
+    if index is not None and not IndexFiles(index).catalog.is_file():
+        raise UserError(f"{index} is not an index (no {index}.db); make one with embed")
+    if model is not None:
+        Manifest.read(model)
+
+
+def check_limits(
+    *,
+    port: int,
+    max_batch: int,
+    max_delay_ms: float,
+    max_queue: int,
+    max_connections: int,
+    max_connections_per_client: int,
+    timeouts: dict[str, float],
+    max_upload_mb: float,
+    max_image_pixels: int,
+    max_request_pixels: int,
+) -> None:
+    """The first option out of its range, as a UserError (exit 2)."""
+    from PIL import Image
+
+    checks = [
+        (1 <= port <= 65535, "--port must be from 1 to 65535"),
+        (1 <= max_batch <= 4096, "--max-batch must be from 1 to 4096"),
+        (0 <= max_delay_ms <= 10_000, "--max-delay-ms must be from 0 to 10000"),
+        (max_queue >= max_batch, "--max-queue must be at least --max-batch"),
+        (max_connections >= 1, "--max-connections must be at least 1"),
+        (max_connections_per_client >= 0, "--max-connections-per-client must be 0 or more"),
+        *(
+            (0 < seconds <= 3600, f"{name} must be above 0, at most 3600 (seconds)")
+            for name, seconds in timeouts.items()
+        ),
+        (0 < max_upload_mb <= 1024, "--max-upload-mb must be above 0, at most 1024"),
+        # above Pillow's own guard (core/images.py), Pillow would refuse first
+        (
+            1 <= max_image_pixels <= Image.MAX_IMAGE_PIXELS,
+            f"--max-image-pixels must be from 1 to {Image.MAX_IMAGE_PIXELS}",
+        ),
+        (
+            max_request_pixels >= max_image_pixels,
+            "--max-request-pixels must be at least --max-image-pixels",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def run_service(
+    config: ServiceConfig, host: str, port: int, limits: ConnectionLimits, access_log: bool
+) -> None:
+    """The app under uvicorn on --host and --port until it stops; a load error: UserError."""
+    import logging
+
+    import uvicorn
+
+    from mocoserve.service.connections import protocol_class
+    from mocoserve.service.main import create_app
+
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("mocoserve").setLevel(logging.INFO)
+    failed: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def fatal(message: str) -> None:
+        failed.append(message)
+        if server is not None:
+            server.should_exit = True
+
+    sockets = listen(host, port)
+    service = create_app(config, on_fatal=fatal)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            service,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=access_log,
+            # requests in flight are limited in the app (a JSON 503; /healthz exempt), not
+            # by uvicorn's limit_concurrency, which counts idle connections too
+            http=protocol_class(limits),
+            timeout_keep_alive=limits.idle_timeout,  # type: ignore[arg-type]  # takes a float
+            timeout_graceful_shutdown=10,
+        )
+    )
+    where = f"http://{host}:{port}"
+    parts = ["API /v1 (docs: /docs)", *(["UI /ui"] if config.ui and config.index else [])]
+    print(f"serving on {where}: {', '.join(parts)}", flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print("note: reachable from other machines (--host)", flush=True)
+        if not config.api_keys:
+            print("note: no --api-key-file: anyone who can reach it can use it", flush=True)
+    server.run(sockets=sockets)
+    if failed:
+        raise UserError(failed[0])

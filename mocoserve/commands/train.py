@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from mocoserve.commands.options import (
+    TRAIN_MODULES,
     ConfigOpt,
     DeviceOpt,
     OutOpt,
@@ -16,6 +17,7 @@ from mocoserve.commands.options import (
     WorkersOpt,
     batch_size_opt,
     guarded,
+    needs,
 )
 
 app = typer.Typer()
@@ -217,6 +219,7 @@ def train(
     """
 
     def work() -> None:
+        needs("train", *TRAIN_MODULES, command="train")
         from mocoserve.train.config import parse_set
 
         _fit(method, preset, config, {**options, **parse_set(settings or [])}, resume)
@@ -297,6 +300,7 @@ def lincls(
     quiet: QuietOpt = False,
 ) -> None:
     """Linear probe (MoCo protocol): train a linear classifier on a frozen pretrained backbone."""
+    guarded(lambda: needs("train", *TRAIN_MODULES, command="lincls"))
     train(
         data,
         method="linear",

@@ -143,15 +143,16 @@ def _worker_init() -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def default_workers() -> int:
-    """Decoder processes: the cores this process may use (shared by torchrun's processes on
-    the node), one left to the model, at most 8."""
+def default_workers(spare: int = 1) -> int:
+    """Worker processes: the cores this process may use (shared by torchrun's processes on
+    the node), `spare` of them left to the model (embed leaves one, training none), at most 8,
+    at least 1."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(8, cores // local - 1))
+    return max(1, min(8, cores // local - spare))
 
 
 def decode_files(

@@ -1,11 +1,14 @@
 """Writing files that must never be half-written, with the modes the user's umask asks for;
-file names as text for JSON and for a terminal."""
+lock files; file names as text for JSON and for a terminal."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 from pathlib import Path
+
+from mocoserve.core.errors import UserError
 
 
 def current_umask() -> int:
@@ -46,6 +49,18 @@ def replace_durably(source: str | os.PathLike, target: str | os.PathLike) -> Non
     fsync_file(source)
     os.replace(source, target)
     fsync_dir(Path(target).parent)
+
+
+def lock_file(path: str | os.PathLike, busy: str, wait: bool = False) -> int:
+    """An exclusive flock on `path` (made if missing): a file descriptor, closing it releases
+    the lock. Held by another process: a UserError `busy`, or, with `wait`, wait for it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(busy) from None
+    return fd
 
 
 def path_text(path: str | os.PathLike) -> str:

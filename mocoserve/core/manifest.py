@@ -2,6 +2,7 @@
 
 `mocoserve.export` writes a package through `Manifest.write`; `mocoserve.model.load` reads it
 through `Manifest.read`. Both sides use this one definition, so they cannot drift apart.
+An index records its model by `model_fingerprint` (`ModelFacts`: what an index needs of it).
 """
 
 from __future__ import annotations
@@ -35,6 +36,27 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def model_fingerprint(model_dir: str | os.PathLike) -> str:
+    """sha256 of a package's manifest.json (which lists every file's sha256)."""
+    return sha256_file(Path(model_dir) / MANIFEST_FILE)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What an index records of its model: the fingerprint, the embedding size, the folder."""
+
+    sha256: str
+    dim: int
+    path: str | None = None  # resolved; None for vectors that no package made (tests, tools)
+
+    @classmethod
+    def of_package(cls, folder: str | os.PathLike) -> ModelFacts:
+        """The facts of a package folder (its manifest read and checked)."""
+        folder = Path(folder)
+        manifest = Manifest.read(folder)
+        return cls(model_fingerprint(folder), manifest.embedding_dim, str(folder.resolve()))
 
 
 @dataclass

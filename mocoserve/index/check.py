@@ -16,21 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mocoserve.core.errors import UserError
+from mocoserve.index.catalog import FORMAT_VERSION, Catalog, CatalogMeta, catalog_damage
 from mocoserve.index.dbfile import format_version
+from mocoserve.index.files import DamagedIndex, IndexFiles, ShardFiles
 from mocoserve.index.formats import Sidecar
-from mocoserve.index.store import (
-    DTYPES,
-    FORMAT_VERSION,
-    Catalog,
-    Shard,
-    ShardDb,
-    catalog_damage,
-    has_index_data,
-    shard_missing,
-    shard_path,
-    shards_path,
-    sidecar_path,
-)
+from mocoserve.index.store import Shard, ShardDb, shard_missing
+from mocoserve.index.vectorfile import DTYPES
 
 SHARD_NAME = re.compile(r"^(\d{4})-of-(\d{4})$")
 
@@ -54,10 +45,11 @@ class CheckReport:
 def check_index(index_path: str | Path) -> CheckReport:
     """Every problem of the index at `index_path` (see the module docstring)."""
     index_path = Path(index_path)
-    db = sidecar_path(index_path)
+    files = IndexFiles(index_path)
+    db = files.catalog
     report = CheckReport()
     if not db.is_file():
-        if not has_index_data(index_path):
+        if not files.has_data():
             raise UserError(f"{index_path} is not an index (no {db.name}); make one with embed")
         report.problems.append(f"{db} is missing: the index's files are there without it")
     damage = catalog_damage(index_path)
@@ -65,7 +57,7 @@ def check_index(index_path: str | Path) -> CheckReport:
         report.problems.append(damage)
     version = format_version(db) if not damage else None
     if version == 1:
-        sidecar = Sidecar(db, readonly=True)
+        sidecar = Sidecar(files.sidecar, readonly=True)
         try:
             report.items = len(sidecar)
         finally:
@@ -77,15 +69,18 @@ def check_index(index_path: str | Path) -> CheckReport:
         return report
     if version is not None and version > FORMAT_VERSION:
         raise UserError(f"{index_path} is a format {version} index; upgrade mocoserve")
-    meta: dict[str, str] = {}
+    meta: CatalogMeta | None = None
     listed: set[int] | None = None
     if version == FORMAT_VERSION:
         catalog = Catalog(db, readonly=True)
         try:
-            meta, listed = catalog.meta(), catalog.listed_shards()
+            meta, listed = CatalogMeta.of(catalog), catalog.listed_shards()
+        except DamagedIndex as e:  # a value that does not parse: the catalog is the problem
+            report.problems.append(str(e))
+            return report
         finally:
             catalog.close()
-    n = int(meta.get("shards") or 0) or _shards_from_folders(index_path)
+    n = (meta.shards if meta is not None else 0) or _shards_from_folders(index_path)
     if not n:
         return report
     _check_folders(index_path, n, report)
@@ -97,7 +92,7 @@ def check_index(index_path: str | Path) -> CheckReport:
         )
     unwritten = []
     for s in range(n):
-        folder = shard_path(index_path, s, n)
+        folder = files.shard(s, n)
         missing = shard_missing(folder, s)
         if missing:
             if (listed is not None and s in listed) or (listed is None and folder.is_dir()):
@@ -109,14 +104,14 @@ def check_index(index_path: str | Path) -> CheckReport:
     if unwritten:
         shown = ", ".join(map(str, unwritten[:10])) + (" ..." if len(unwritten) > 10 else "")
         report.notes.append(f"shard(s) {shown} not written yet (no run has embedded into them)")
-    if version == FORMAT_VERSION:
+    if meta is not None:  # format 2
         _check_faiss(index_path, meta, report)
     return report
 
 
 def _shards_from_folders(index_path: Path) -> int:
     """The shard count the folder names say (the catalog cannot): the most common N."""
-    folder = shards_path(index_path)
+    folder = IndexFiles(index_path).shards
     counts: dict[int, int] = {}
     for entry in folder.iterdir() if folder.is_dir() else ():
         match = SHARD_NAME.match(entry.name)
@@ -127,7 +122,7 @@ def _shards_from_folders(index_path: Path) -> int:
 
 def _check_folders(index_path: Path, n: int, report: CheckReport) -> None:
     """What is in the shards folder that is no shard of an n-shard index."""
-    folder = shards_path(index_path)
+    folder = IndexFiles(index_path).shards
     for entry in sorted(folder.iterdir()) if folder.is_dir() else ():
         match = SHARD_NAME.match(entry.name)
         if not (match and int(match[2]) == n and int(match[1]) < n):
@@ -137,8 +132,10 @@ def _check_folders(index_path: Path, n: int, report: CheckReport) -> None:
             )
 
 
-def _check_shard(folder: Path, s: int, n: int, meta: dict[str, str], report: CheckReport) -> None:
-    items_db = folder / "items.db"
+def _check_shard(
+    folder: Path, s: int, n: int, meta: CatalogMeta | None, report: CheckReport
+) -> None:
+    items_db = ShardFiles(folder).db
     try:
         db = ShardDb(items_db, readonly=True)
     except (UserError, OSError) as e:
@@ -159,10 +156,10 @@ def _check_shard(folder: Path, s: int, n: int, meta: dict[str, str], report: Che
     if not dim or not dim.isdigit() or dtype not in DTYPES or "rows" not in shard_meta:
         report.problems.append(f"{items_db} is damaged: its meta has no dim, dtype or rows")
         return
-    want = (meta.get("dim"), meta.get("store_dtype") or "float32")
-    if meta and (dim, dtype) != want:
+    if meta is not None and (int(dim), dtype) != (meta.dim, meta.store_dtype):
         report.problems.append(
-            f"{items_db} holds {dim}-d {dtype} vectors; the catalog says {want[0]}-d {want[1]}"
+            f"{items_db} holds {dim}-d {dtype} vectors; the catalog says {meta.dim}-d "
+            f"{meta.store_dtype}"
         )
         return
     shard = Shard(folder, s, n, int(dim), dtype, strict=False)
@@ -178,15 +175,15 @@ def _check_shard(folder: Path, s: int, n: int, meta: dict[str, str], report: Che
     report.by_norm += found.by_norm
 
 
-def _check_faiss(index_path: Path, meta: dict[str, str], report: CheckReport) -> None:
+def _check_faiss(index_path: Path, meta: CatalogMeta, report: CheckReport) -> None:
     """The FAISS file is derived (readers patch or rebuild it in memory): told apart."""
-    from mocoserve.ann import vectors as vec
+    from mocoserve.ann.io import read
 
-    dim, built = int(meta.get("dim") or 0), int(meta.get("version") or 0)
+    dim, built = meta.dim, meta.version
     if not dim or not built:
         report.notes.append(f"{index_path} has not been built yet (mocoserve index build)")
         return
-    index = vec.read(index_path, dim) if index_path.is_file() else None
+    index = read(index_path, dim) if index_path.is_file() else None
     if index is None:
         why = "is missing" if not index_path.exists() else "is damaged: FAISS cannot read it"
         report.problems.append(f"{index_path} {why} (mocoserve index build makes it again)")

@@ -23,7 +23,8 @@ import numpy as np
 
 from mocoserve.core.errors import UserError
 from mocoserve.core.files import fsync_dir, path_text, public_mode
-from mocoserve.index.store import open_store
+from mocoserve.index.catalog import CatalogMeta
+from mocoserve.index.formats import open_store
 
 ROWS_PER_FILE = 1_000_000
 COLUMNS = ("image_path", "image_path_bytes", "id", "label", "sha256", "bytes", "width", "height")
@@ -62,7 +63,7 @@ def export_index(
     staging = Path(tempfile.mkdtemp(prefix=f".{to.name}.", dir=to.parent))
     os.chmod(staging, public_mode(directory=True))
     try:
-        total, dim = len(store), int(store.get_meta("dim") or 0)
+        total, dim = len(store), CatalogMeta.of(store).dim
         (staging / "img_emb").mkdir()
         if fmt == "npy":
             (staging / "metadata").mkdir()

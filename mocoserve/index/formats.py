@@ -1,21 +1,27 @@
-"""The format-1 sidecar (`out.faiss.db`): one row per embedded image, its vector too.
+"""An index in either format: format 1 read and migrated, format 2 opened (`open_store`).
 
-Indexes made before the sharded layout (`mocoserve.index.store`, format 2) keep everything here;
-they still open and search through this class, and `mocoserve index migrate` (or the
-next `embed`) moves them to format 2 without re-embedding. `Item`, `NewItem`, `db_path`
-and `py_path` are shared by both formats.
+Format 1, the sidecar (`out.faiss.db`): one row per embedded image, its vector too. Indexes
+made before the sharded layout (`mocoserve.index.store`, format 2) keep everything there;
+they still open and search through `Sidecar`, and `mocoserve index migrate` (or the next
+`embed`) moves them to format 2 without re-embedding (`migrate`).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mocoserve.core.errors import UserError
-from mocoserve.index.dbfile import DbFile
+from mocoserve.core.files import fsync_dir
+from mocoserve.index.catalog import FORMAT_VERSION, CatalogMeta, catalog_damage
+from mocoserve.index.dbfile import DbFile, format_version
+from mocoserve.index.files import DamagedIndex, IndexFiles
+from mocoserve.index.items import ITEM_COLUMNS, Item, NewItem, db_path, py_path
+from mocoserve.index.store import Shard, ShardedStore
 
 SIDECAR_FORMAT_VERSION = 1
 
@@ -34,56 +40,6 @@ CREATE TABLE IF NOT EXISTS items (
 CREATE INDEX IF NOT EXISTS items_sha256 ON items(sha256);
 CREATE TABLE IF NOT EXISTS failures (path TEXT PRIMARY KEY, error TEXT NOT NULL);
 """
-
-
-@dataclass(frozen=True)
-class Item:
-    """One indexed image."""
-
-    id: int
-    path: str
-    label: str | None
-    sha256: str
-    bytes: int
-    mtime: int
-    width: int
-    height: int
-
-
-@dataclass(frozen=True)
-class NewItem:
-    """An image about to be added: everything but its id."""
-
-    path: str
-    label: str | None
-    sha256: str
-    bytes: int
-    mtime: int
-    width: int
-    height: int
-    vector: np.ndarray
-
-
-_ITEM_COLUMNS = "id, path, label, sha256, bytes, mtime, width, height"
-
-
-def db_path(path: str) -> str | bytes:
-    """A path as SQLite stores it: text, or its exact bytes where it is not valid UTF-8.
-
-    POSIX file names are bytes; Python holds the undecodable ones as surrogate escapes,
-    which SQLite's text cannot. A BLOB in the same column keeps them exactly, and equality
-    and prefix lookups still work (bytes compare with bytes).
-    """
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:
-        return path.encode("utf-8", "surrogateescape")
-
-
-def py_path(value: str | bytes) -> str:
-    """The path a db_path value stands for (the inverse of db_path)."""
-    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
 
 
 class Sidecar(DbFile):
@@ -144,7 +100,7 @@ class Sidecar(DbFile):
     def under(self, prefix: str) -> tuple[list[str], list[str | None], np.ndarray]:
         """Paths, labels and vectors of the items under a folder prefix, sorted by path."""
         rows = self.rows_under(prefix)
-        dim = int(self.get_meta("dim") or 0)
+        dim = CatalogMeta.of(self).dim
         vectors = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32)
         return [r[0] for r in rows], [r[1] for r in rows], vectors.reshape(len(rows), dim)
 
@@ -160,7 +116,7 @@ class Sidecar(DbFile):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
             for row in self.db.execute(
-                f"SELECT {_ITEM_COLUMNS} FROM items WHERE id IN ({marks})", chunk
+                f"SELECT id, {ITEM_COLUMNS} FROM items WHERE id IN ({marks})", chunk
             ):
                 out[row[0]] = Item(row[0], py_path(row[1]), *row[2:])
         return out
@@ -171,7 +127,7 @@ class Sidecar(DbFile):
 
     def vectors(self, ids: np.ndarray | None = None, batch: int = 65536) -> Iterator[tuple]:
         """Yield (ids, vectors) blocks in id order, for all items or the given ids."""
-        dim = int(self.get_meta("dim") or 0)
+        dim = CatalogMeta.of(self).dim
         if ids is None:
             cursor = self.db.execute("SELECT id, vector FROM items ORDER BY id")
             while rows := cursor.fetchmany(batch):
@@ -190,7 +146,7 @@ class Sidecar(DbFile):
     def gather(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(float32 vectors, found) for these ids in the order given."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        out = np.zeros((len(ids), int(self.get_meta("dim") or 0)), dtype=np.float32)
+        out = np.zeros((len(ids), CatalogMeta.of(self).dim), dtype=np.float32)
         found = np.zeros(len(ids), dtype=bool)
         wanted = np.unique(ids[ids >= 0])
         for block_ids, block in self.vectors(wanted):
@@ -255,3 +211,95 @@ def _block(rows: list, dim: int) -> tuple[np.ndarray, np.ndarray]:
     ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
     vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(-1, dim)
     return ids, vectors
+
+
+def open_store(index_path: str | Path) -> ShardedStore | Sidecar:
+    """An index's items, read-only, in whichever format it is."""
+    db = IndexFiles(index_path).catalog
+    version = format_version(db)
+    if version is None:
+        damage = catalog_damage(index_path)
+        if damage:
+            raise DamagedIndex(damage)
+        raise UserError(f"{index_path} is not an index (no readable {db.name})")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{index_path} is a format {version} index; upgrade mocoserve")
+    if version == FORMAT_VERSION:
+        return ShardedStore(index_path)
+    return Sidecar(db, readonly=True)
+
+
+def migrate(index_path: str | Path) -> int:
+    """Move a format-1 index (vectors in SQLite) to format 2 (one shard), keeping every id.
+
+    The caller holds the index's writer lock. The shard is built in a temporary folder and
+    renamed into place; the catalog switches to format 2 in one transaction that also drops
+    the old tables, so a crash at any point leaves format 1 (redone next time) or format 2.
+    Returns how many items moved.
+    """
+    files = IndexFiles(index_path)
+    if format_version(files.sidecar) != 1:
+        return 0
+    old = Sidecar(files.sidecar)
+    try:
+        dim = CatalogMeta.of(old).dim
+        if files.shards.exists():
+            shutil.rmtree(files.shards)  # an earlier migration that did not finish
+        moved = _copy_shard(old, files, dim) if dim else 0
+        with old.writing():
+            old.db.executemany(
+                "INSERT INTO meta(key, value) VALUES(?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [
+                    ("format_version", str(FORMAT_VERSION)),
+                    ("shards", "1"),
+                    ("store_dtype", "float32"),
+                    ("shards_made", "0" if dim else ""),
+                ],
+            )
+            old.db.execute("DROP TABLE items")
+            old.db.execute("DROP TABLE failures")
+        old.db.execute("VACUUM")
+    finally:
+        old.close()
+    return moved
+
+
+def _copy_shard(old: Sidecar, files: IndexFiles, dim: int) -> int:
+    """Format 1's items, vectors and failures into shard 0 of 1, made in a staging folder
+    and renamed into place; how many items moved."""
+    staging = files.shards / ".migrating"
+    moved = 0
+    shard = Shard(staging, 0, 1, dim, writer=True)
+    try:
+        next_id = old.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'items'").fetchone()
+        for ids, vectors in old.vectors():
+            items = old.items(ids)
+            shard.import_items([items[int(i)] for i in ids], vectors)
+            moved += len(ids)
+        failures = old.failures()
+        if failures:
+            shard.commit_batch([], failures)
+        if next_id:  # AUTOINCREMENT goes on from where format 1 was: no id reused
+            _continue_ids(shard, int(next_id[0]))
+    finally:
+        shard.close()
+    os.replace(staging, files.shard(0, 1))
+    fsync_dir(files.shards)
+    return moved
+
+
+def _continue_ids(shard: Shard, last: int) -> None:
+    """The shard's next seq comes after format 1's last id, removed ones included.
+
+    sqlite_sequence has no unique key: a second 'items' row (INSERT OR REPLACE) is ignored,
+    so the row the copied items made is updated, or made when no item was copied.
+    """
+    assert shard.db is not None
+    with shard.db.writing():
+        q = shard.db.db.execute
+        raised = q(
+            "UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'items'", (last,)
+        ).rowcount
+        if not raised:
+            q("INSERT INTO sqlite_sequence(name, seq) VALUES('items', ?)", (last,))

@@ -8,50 +8,42 @@ The store is format 2 (`mocoserve.index.store`: a catalog and shards of metadata
 format 1 (`mocoserve.index.formats`: everything in one SQLite file, from before sharding). The
 FAISS file is derived from the store; opening checks that the two agree and patches the
 in-memory index where a writer is between its commits and its next build. A reader never
-writes a file: changes go through `mocoserve.index.writer.IndexWriter` (`add` and `remove` here
-open one).
+writes a file: changes go through `mocoserve.index.writer.IndexWriter` (`remove` here opens
+one; files are added by `mocoserve.ingest.runner.add_files`, which embeds them).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 from PIL import Image
 
-from mocoserve.ann import vectors as vec
+from mocoserve.ann.factory import normalize
+from mocoserve.ann.search import Searcher
+from mocoserve.ann.tune import RECALL_TARGET
 from mocoserve.core.decode import decode_file
 from mocoserve.core.errors import UserError
 from mocoserve.core.images import resize_crop
-from mocoserve.index.formats import Item, Sidecar
-from mocoserve.index.store import ShardedStore, open_store, sidecar_path
-from mocoserve.index.writer import (
-    IngestCounts,
-    acquire_lock,
-    build_facts,
-    describe_build,
-    model_fingerprint,
-)
+from mocoserve.core.manifest import ModelFacts, model_fingerprint
+from mocoserve.index.catalog import CatalogMeta
+from mocoserve.index.faissfile import build_faiss, load_faiss
+from mocoserve.index.files import IndexFiles
+from mocoserve.index.formats import Sidecar, open_store
+from mocoserve.index.items import Item
+from mocoserve.index.store import ShardedStore
 from mocoserve.model import PackageEncoder, load, to_input
 
 __all__ = [
     "Hit",
     "ImageIndex",
-    "IngestCounts",
     "Item",
-    "describe_build",
     "labelled_by_folders",
-    "model_fingerprint",
     "open",
-    "sidecar_path",
-    "writer_lock",
 ]
 
 Store = ShardedStore | Sidecar
@@ -74,115 +66,16 @@ class Hit:
         return asdict(self)
 
 
-@contextmanager
-def writer_lock(index_path: str | Path):
-    """One writer per index: a second `embed` on the same index fails fast."""
-    fd = acquire_lock(index_path)
-    try:
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
 def labelled_by_folders(index_path: str | Path) -> bool:
     """Whether an existing index was labelled from folder names (False for a new one)."""
-    if not sidecar_path(index_path).is_file():
+    if not IndexFiles(index_path).catalog.is_file():
         return False
     store = open_store(index_path)
     try:
-        mode = store.get_meta("labels")
+        mode = CatalogMeta.of(store).labels
         return mode == "folders" or (mode is None and bool(store.labels()))
     finally:
         store.close()
-
-
-# --- the FAISS file from a store (readers repair in memory; the writer also saves) ---
-
-
-def same_kind(current: str, target: str) -> bool:
-    """Whether an index built as `current` can be kept for `target` (IVF: nlist within 2x)."""
-    if current == target:
-        return True
-    pattern = re.compile(r"IVF(\d+)")
-    a, b = pattern.search(current), pattern.search(target)
-    return bool(
-        a
-        and b
-        and pattern.sub("IVF", current) == pattern.sub("IVF", target)
-        and 0.5 <= int(a[1]) / int(b[1]) <= 2.0
-    )
-
-
-def _factory_of(index: faiss.Index) -> str:
-    """A coarse description to notice an index file that is not the one the catalog names."""
-    ivf = vec.base_ivf(index)
-    if ivf is not None:
-        return f"IVF{ivf.nlist}/{type(faiss.downcast_index(ivf)).__name__}/{ivf.code_size}"
-    base = vec.inner(index)
-    kind = "Flat" if isinstance(base, faiss.IndexFlat) else type(base).__name__
-    return f"{kind}/{base.metric_type}"
-
-
-@dataclass
-class Loaded:
-    """The FAISS file as read, made to agree with the store.
-
-    In memory, the index itself is patched. On-disk lists are never changed by a reader:
-    ids the store no longer has are `hidden`, ids it gained are searched as `extra`.
-    """
-
-    index: faiss.Index | None
-    repaired: bool = False
-    hidden: np.ndarray | None = None
-    extra: tuple[np.ndarray, np.ndarray] | None = None
-
-
-EXTRA_LIMIT = 1_000_000  # a lagging on-disk reader holds at most this many new vectors (a
-# large embed in progress: the rest wait for its build; removed ids are always hidden)
-
-
-def load_faiss(store: Store, path: Path, factory: str, dim: int, patch: bool = True) -> Loaded:
-    """The FAISS file, made to hold exactly the store's ids (see `Loaded`).
-
-    Index None when the file is missing, unreadable or not of the kind the catalog names.
-    `patch=False` leaves an on-disk index as read (the writer patches it into new lists).
-    """
-    if not dim:
-        return Loaded(None)
-    index = vec.read(path, dim)
-    if index is None or _factory_of(index) != _factory_of(vec.new_index(factory, dim)):
-        return Loaded(None, True)
-    if not vec.on_disk(index):
-        return Loaded(index, vec.sync(index, store.ids(), store.vectors) > 0)
-    if not patch:
-        return Loaded(index)
-    stale, missing = vec.diff_ids(index, store.ids())
-    extra = None
-    if 0 < len(missing) <= EXTRA_LIMIT:  # more: searchable from the writer's next build
-        vectors, found = store.gather(missing)
-        extra = (missing[found], vectors[found])
-    return Loaded(index, bool(len(stale) or len(missing)), stale, extra)
-
-
-def build_faiss(
-    store: Store,
-    factory: str,
-    target: float = vec.RECALL_TARGET,
-    lists_path: Path | None = None,
-) -> vec.Built:
-    """A new FAISS index from every vector of the store (trained on a sample, tuned)."""
-    n, dim = len(store), int(store.get_meta("dim") or 0)
-    if n == 0:
-        factory, lists_path = "Flat", None  # nothing to train on; the next build picks again
-    ids = store.ids()
-    rng = np.random.default_rng(0)
-
-    def sample(m: int) -> np.ndarray:
-        picked = np.sort(rng.choice(ids, size=min(m, len(ids)), replace=False))
-        vectors, _ = store.gather(picked)
-        return vectors
-
-    return vec.build(factory, dim, store.vectors, sample, n, target, store.gather, lists_path)
 
 
 class ImageIndex:
@@ -198,34 +91,34 @@ class ImageIndex:
         readonly: bool = True,
     ) -> None:
         self.path = path
-        self.readonly = readonly  # True: add/remove refused (a service, a search)
+        self.readonly = readonly  # True: remove refused (a service, a search)
         self.store = store
         self.model_dir = model_dir
         self.device = device
         self.backend = backend
         self._encoder: PackageEncoder | None = None
-        self._searcher: vec.Searcher | None = None
+        self._searcher: Searcher | None = None
         self._load()
 
     def _load(self) -> None:
         store = self.store
         # the catalog as loaded (a writer updates it in place): the version an answer
         # names, and every fact, are those of the index that answers
-        self._meta = store.meta()
+        self.meta = CatalogMeta.of(store)
         if isinstance(store, ShardedStore):
             store.hold()  # its files and rows, before the FAISS file (which they patch)
-        self.dim = int(self._meta.get("dim") or 0)
+        self.dim = self.meta.dim
         self._len = len(store)
-        self.settings = vec.SearchSettings.from_meta(self._meta)
+        self.settings = self.meta.settings
         loaded = load_faiss(store, self.path, self.factory, self.dim)
         self.index, self.repaired = loaded.index, loaded.repaired
         if self.index is None and self.dim:
-            if self._meta.get("on_disk_built") == "true":
+            if self.meta.on_disk_built:
                 raise UserError(
                     f"{self.path} keeps its lists on disk and its file is missing or damaged; "
                     "run mocoserve index build"
                 )
-            target = float(self._meta.get("tuned_target") or vec.RECALL_TARGET)
+            target = self.meta.tuned_target or RECALL_TARGET
             built = build_faiss(store, self.factory, target)  # in memory: never written
             self.index, self.settings = built.index, built.settings
         self._hidden, self._extra = loaded.hidden, loaded.extra
@@ -240,12 +133,12 @@ class ImageIndex:
 
     @property
     def factory(self) -> str:
-        return self._meta.get("factory") or "Flat"
+        return self.meta.factory
 
     @property
     def version(self) -> int:
         """How many times the index file had been saved when this was loaded (0: never)."""
-        return int(self._meta.get("version") or 0)
+        return self.meta.version
 
     @property
     def format(self) -> int:
@@ -256,18 +149,18 @@ class ImageIndex:
         return self.settings.nprobe
 
     @property
-    def searcher(self) -> vec.Searcher:
+    def searcher(self) -> Searcher:
         if self._searcher is None:
             if self.index is None:
                 raise UserError(f"{self.path} is empty: nothing has been embedded yet")
-            self._searcher = vec.Searcher(
+            self._searcher = Searcher(
                 self.index,
                 self.settings,
                 self.device,
                 gather=self.store.gather,
                 hidden=self._hidden,
                 extra=self._extra,
-                gpu_fp16=self._meta.get("gpu_fp16") == "true",
+                gpu_fp16=self.meta.gpu_fp16,
             )
         return self._searcher
 
@@ -281,24 +174,16 @@ class ImageIndex:
                     "pass --model"
                 )
             encoder = load(self.model_dir, self.backend, self.device)
-            self._check_model(model_fingerprint(self.model_dir), encoder.embedding_dim)
+            self.meta.check_model(
+                self.path, model_fingerprint(self.model_dir), encoder.embedding_dim
+            )
             self._encoder = encoder
         return self._encoder
 
     def attach(self, encoder: PackageEncoder) -> None:
         """Use an already loaded (and verified) package; it must be the index's model."""
-        self._check_model(model_fingerprint(encoder.path), encoder.embedding_dim)
+        self.meta.check_model(self.path, model_fingerprint(encoder.path), encoder.embedding_dim)
         self._encoder = encoder
-
-    def _check_model(self, fingerprint: str, dim: int) -> None:
-        built_with = self.store.get_meta("model_sha256")
-        if built_with is not None and built_with != fingerprint:
-            raise UserError(
-                f"{self.path} was built with a different model (manifest sha256 "
-                f"{built_with[:12]}…, this one {fingerprint[:12]}…); use a new --index"
-            )
-        if self.dim and dim != self.dim:
-            raise UserError(f"{self.path} holds {self.dim}-d vectors; this model makes {dim}-d")
 
     def ids(self) -> np.ndarray:
         return self.store.ids()
@@ -308,20 +193,20 @@ class ImageIndex:
 
     def info(self) -> dict[str, Any]:
         """Facts for headers and reports (of the index as loaded)."""
-        meta = self._meta
+        meta = self.meta
         return {
             "index": str(self.path),
             "items": len(self),
             "dim": self.dim,
             "factory": self.factory,
             "nprobe": self.nprobe,
-            "model": meta.get("model_path"),
-            "model_sha256": meta.get("model_sha256"),
+            "model": meta.model_path,
+            "model_sha256": meta.model_sha256,
             "labels": self.store.labels(),
             "search_device": self.searcher.device if self.index is not None else "cpu",
             "format": self.format,
-            "shards": int(meta.get("shards") or 1),
-            **build_facts(meta),
+            "shards": meta.shards,
+            **meta.build_facts(),
             "gpus": self.searcher.gpus if self.index is not None else 0,
             "gpu_layout": self.searcher.layout if self.index is not None else None,
         }
@@ -331,7 +216,7 @@ class ImageIndex:
         self, queries: np.ndarray, k: int = 10, label: str | None = None
     ) -> list[list[Hit]]:
         """Nearest items to each query vector (normalised here), best first."""
-        queries = vec.normalize(np.atleast_2d(queries))
+        queries = normalize(np.atleast_2d(queries))
         if queries.shape[1] != self.dim:
             raise UserError(f"queries are {queries.shape[1]}-d, the index is {self.dim}-d")
         if k < 1:
@@ -426,40 +311,13 @@ class ImageIndex:
         if self.readonly:
             raise UserError(f"{self.path} was opened read-only; open it for writing to change it")
 
-    def add(
-        self,
-        paths: Sequence[str | Path],
-        labels: Sequence[str | None] | None = None,
-        batch_size: int = 64,
-        workers: int = 0,
-    ) -> IngestCounts:
-        """Embed these files (replacing any with the same path) and save the index."""
-        from mocoserve.index.writer import IndexWriter, ingest
-
-        self._writable()
-        absolute = [os.path.abspath(p) for p in paths]
-        with IndexWriter(self.path) as writer:
-            writer.prepare(self.encoder)
-            writer.own(range(writer.shard_count))
-            counts = ingest(
-                self.encoder,
-                absolute,
-                list(labels) if labels is not None else [None] * len(absolute),
-                writer.commit,
-                batch_size,
-                workers,
-            )
-            writer.build()
-        self._reopen()
-        return counts
-
     def remove(self, paths: Iterable[str | Path]) -> int:
         """Remove these files from the index and save it; how many were there."""
         from mocoserve.index.writer import IndexWriter
 
         self._writable()
         with IndexWriter(self.path) as writer:
-            writer.prepare(self.encoder)
+            writer.prepare(ModelFacts.of_package(self.encoder.path))
             writer.own(range(writer.shard_count))
             removed = writer.remove_paths(os.path.abspath(p) for p in paths)
             writer.build()
@@ -500,12 +358,12 @@ def open(
 ) -> ImageIndex:
     """Open an index to search; `model` defaults to the one it was built with.
 
-    `readonly` refuses `add`/`remove` (a service, a search). Opening never writes a file:
+    `readonly` refuses `remove` (a service, a search). Opening never writes a file:
     where the FAISS file lags the store (a writer is between its commits and its next
     build), the index is patched in memory.
     """
     path = Path(path)
-    db = sidecar_path(path)
+    db = IndexFiles(path).catalog
     if not db.is_file():
         if path.is_file():
             raise UserError(f"{db} is missing; an index needs its catalog (rebuild with embed)")
@@ -513,20 +371,16 @@ def open(
     catalog = _file_id(db)
     store = open_store(path)
     try:
-        stored_model = store.get_meta("model_path")
+        meta = CatalogMeta.of(store)
+        stored_model = meta.model_path
         model_dir = (
             Path(model) if model is not None else (Path(stored_model) if stored_model else None)
         )
-        if model is not None and store.get_meta("model_sha256") is not None:
+        if model is not None and meta.model_sha256 is not None:
             if not Path(model).is_dir():
                 raise UserError(f"{model} is not a model package folder")
-            manifest = Path(model) / "manifest.json"
-            fingerprint = model_fingerprint(model) if manifest.is_file() else ""
-            if fingerprint and fingerprint != store.get_meta("model_sha256"):
-                raise UserError(
-                    f"{path} was built with a different model than {model}; "
-                    "embed into a new --index or use the model it was built with"
-                )
+            if (Path(model) / "manifest.json").is_file():  # else: loading it says what is wrong
+                meta.check_model(path, model_fingerprint(model))
         index = ImageIndex(path, store, model_dir, device, backend, readonly)
         if _file_id(db) != catalog:  # the FAISS file read may be the new index's
             raise UserError(f"{path} was replaced while it was opened; open it again")

@@ -1,12 +1,15 @@
 """The index's storage, format 2: metadata in SQLite per shard, vectors in append-only files.
 
     out.faiss                        the FAISS index, built from every shard (derived data)
-    out.faiss.db                     the catalog: index-level facts (model, dim, shards, ...)
+    out.faiss.db                     the catalog: index-level facts (`mocoserve.index.catalog`)
     out.faiss.shards/0003-of-0008/   one shard, written by one process at a time
         items.db                     SQLite: items (path, label, sha256, ..., row), failures,
                                      meta (rows committed, started/completed)
         vectors-0000.f32             its vectors, one row each, float32 (or .f16), append-only
+                                     (`mocoserve.index.vectorfile`)
         lock                         held (flock) by the shard's writer
+
+(`mocoserve.index.files.IndexFiles` names every one of these files.)
 
 Damage is refused by name, never read past: the catalog lists the shards writers made
 (`shards_made`), and a listed shard whose folder or items.db is gone is an error; a vector
@@ -26,27 +29,22 @@ opens a shard truncates a torn tail (rows no commit references).
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import os
-import shutil
 import sqlite3
-import weakref
-import zlib
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mocoserve.core.errors import UserError
-from mocoserve.core.files import fsync_dir
-from mocoserve.index.dbfile import DbFile, format_version
-from mocoserve.index.formats import Item, NewItem, Sidecar, db_path, py_path
-
-FORMAT_VERSION = 2
-DTYPES = {"float32": "f32", "float16": "f16"}
+from mocoserve.core.files import lock_file
+from mocoserve.index.catalog import Catalog, CatalogMeta
+from mocoserve.index.dbfile import DbFile
+from mocoserve.index.files import IndexFiles, ShardFiles, refusal
+from mocoserve.index.items import ITEM_COLUMNS, Item, NewItem, db_path, py_path
+from mocoserve.index.vectorfile import VectorFile
 
 SHARD_SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -69,23 +67,6 @@ CREATE TABLE IF NOT EXISTS blocks (
 );
 """
 
-# |norm^2 - 1| a stored row may show: float32 rows are normalised to ~1e-7, float16 rounds
-# each value by up to 2^-11; random bytes miss this by orders of magnitude
-NORM_TOLERANCE = {"float32": 1e-3, "float16": 1e-2}
-
-
-def sidecar_path(index_path: str | Path) -> Path:
-    """The catalog (format 2) or sidecar (format 1) beside an index file."""
-    return Path(f"{index_path}.db")
-
-
-def shards_path(index_path: str | Path) -> Path:
-    return Path(f"{index_path}.shards")
-
-
-def shard_path(index_path: str | Path, shard: int, shards: int) -> Path:
-    return shards_path(index_path) / f"{shard:04d}-of-{shards:04d}"
-
 
 def shard_of(path: str, shards: int) -> int:
     """The shard a file belongs to: a hash of its path, stable whatever else is indexed."""
@@ -98,81 +79,13 @@ def split_id(item_id: int, shards: int) -> tuple[int, int]:
     return item_id % shards, item_id // shards
 
 
-def index_of(shard_folder: Path) -> str:
-    """The index a shard folder belongs to (`out.faiss` of `out.faiss.shards/0000-of-0004`)."""
-    return str(shard_folder.parent).removesuffix(".shards")
-
-
 def shard_missing(folder: Path, shard: int) -> str | None:
     """Why a shard the catalog lists is not there (its folder or items.db), or None."""
-    gone = folder if not folder.is_dir() else folder / "items.db"
+    files = ShardFiles(folder)
+    gone = folder if not folder.is_dir() else files.db
     if gone.is_file():
         return None
-    return f"{gone} is missing: shard {shard} of {index_of(folder)} is listed in its catalog"
-
-
-class DamagedIndex(UserError):
-    """A file of the index is damaged or gone (told apart from bad input: a service
-    answers it as its own fault, not the client's)."""
-
-
-def refusal(problem: str, index: str | Path) -> DamagedIndex:
-    """A reader's one line for damage it met: the file, and where to see the rest."""
-    return DamagedIndex(f"{problem} (mocoserve index check {index} lists every problem)")
-
-
-def has_index_data(index_path: str | Path) -> bool:
-    """Whether an index's FAISS file or any shard is there (what a new catalog would orphan)."""
-    shards = shards_path(index_path)
-    return Path(index_path).exists() or (shards.is_dir() and any(shards.iterdir()))
-
-
-def catalog_damage(index_path: str | Path) -> str | None:
-    """Why the catalog beside an index cannot be used, when it is there; None if it can."""
-    db = sidecar_path(index_path)
-    if not db.is_file():
-        return None
-    if db.stat().st_size == 0:
-        return f"{db} is damaged: it is empty (0 bytes)"
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)
-        try:
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-            meta = dict(conn.execute("SELECT key, value FROM meta")) if "meta" in tables else {}
-        finally:
-            conn.close()
-    except sqlite3.DatabaseError as e:
-        return f"{db} is damaged: not a readable SQLite file ({e})"
-    if "meta" not in tables:
-        return f"{db} is damaged: it has no meta table"
-    if "format_version" not in meta and "items" not in tables:  # neither format 2 nor 1
-        return f"{db} is damaged: its meta table has no format_version"
-    if meta.get("format_version") == str(FORMAT_VERSION):
-        lost = [key for key in ("dim", "shards") if not meta.get(key)]
-        if lost:
-            return f"{db} is damaged: its meta table has no {' or '.join(lost)}"
-    return None
-
-
-class Catalog(DbFile):
-    """`out.faiss.db` of a format-2 index: index-level facts only (the `meta` table)."""
-
-    what = "index catalog"
-
-    def __init__(self, path: str | Path, readonly: bool = False) -> None:
-        super().__init__(path, "", readonly, journal="DELETE")
-
-    def listed_shards(self) -> set[int] | None:
-        """The shards writers have made (None: an index from before the catalog listed them)."""
-        value = self.get_meta("shards_made")
-        return None if value is None else {int(s) for s in value.split(",") if s}
-
-    def list_shards(self, shards: Iterable[int]) -> None:
-        """Add shards that now exist to the list (the catalog's writer, under the index lock)."""
-        listed = self.listed_shards()
-        new = (listed or set()) | set(shards)
-        if listed is None or new != listed:
-            self.set_meta({"shards_made": ",".join(map(str, sorted(new)))})
+    return f"{gone} is missing: shard {shard} of {files.index} is listed in its catalog"
 
 
 class ShardDb(DbFile):
@@ -194,17 +107,7 @@ class ShardCounts:
     garbage: int  # rows of removed or replaced items, still in the vector file
 
 
-@dataclass
-class ShardCheck:
-    """What `Shard.check` found: damage (each a line naming its file), notes, rows checked."""
-
-    problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    by_checksum: int = 0  # rows verified against their block's CRC32
-    by_norm: int = 0  # rows without a checksum (written before they were kept): norms only
-
-
-class Shard:
+class Shard(VectorFile):
     """One shard: `items.db` and its vector file; opened to read, or to write (with its lock)."""
 
     def __init__(
@@ -221,28 +124,18 @@ class Shard:
         """`required`: the catalog lists this shard, so its folder and items.db must be there.
         `strict` (a reader): refuse a vector file that cannot hold the committed rows (False:
         `index check`, which lists the problems instead)."""
-        if dtype not in DTYPES:
-            raise UserError(f"store dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        self.folder = Path(folder)
-        self.shard, self.shards, self.dim = shard, shards, dim
-        self.dtype = np.dtype(dtype)
-        self.row_bytes = dim * self.dtype.itemsize
+        super().__init__(folder, dim, dtype)
+        self.shard, self.shards = shard, shards
         self.writer = writer
         self._lock_fd: int | None = None
-        self._fd: int | None = None
         self._row_of: np.ndarray | None = None  # seq -> row (-1: none), for gather
-        self._last_seq: int | None = None  # held (`hold`): the newest seq this reader sees
-        self.db: ShardDb | None = None
-        self._crc_from: int | None = None  # the first row with checksums (None: none kept)
-        self._crc_rows = self.block_rows
-        self._reserved = 0  # the writer's: rows the vector file may reach before a commit
         missing = shard_missing(self.folder, shard) if required else None
         if missing:  # never made anew, never read as empty: the rest of the index needs it
-            raise refusal(missing, index_of(self.folder))
+            raise refusal(missing, self.files.index)
         if writer:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._lock()
-            self.db = ShardDb(self.folder / "items.db")
+            self.db = ShardDb(self.files.db)
             stored = self.db.get_meta("dim")
             if stored is None:
                 self.db.set_meta(
@@ -263,35 +156,17 @@ class Shard:
                 )
                 self._load_checksums()
             self._reserved = max(self._meta_int("reserved"), self.rows)
-        elif (self.folder / "items.db").is_file():
-            self.db = ShardDb(self.folder / "items.db", readonly=True)
+        elif self.files.db.is_file():
+            self.db = ShardDb(self.files.db, readonly=True)
             self._load_checksums()
             problem = self.file_problem() if strict else None
             if problem:
                 self.close()
                 raise self._refuse(problem)
 
-    def _load_checksums(self) -> None:
-        assert self.db is not None
-        start, rows = self.db.get_meta("crc_from"), self.db.get_meta("crc_block_rows")
-        self._crc_from = None if start is None else int(start)
-        self._crc_rows = int(rows) if rows else self.block_rows
-
-    # files and recovery
-    @property
-    def vector_path(self) -> Path:
-        return self.folder / f"vectors-0000.{DTYPES[self.dtype.name]}"
-
     def _lock(self) -> None:
-        fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise UserError(
-                f"shard {self.shard} of {self.folder.parent} is being written by another process"
-            ) from None
-        self._lock_fd = fd
+        busy = f"shard {self.shard} of {self.folder.parent} is being written by another process"
+        self._lock_fd = lock_file(self.files.lock, busy)
 
     def _recover(self) -> None:
         """Make the vector file agree with the committed rows (a writer opening the shard).
@@ -321,62 +196,6 @@ class Shard:
         assert self.db is not None
         self.db.db.execute("UPDATE meta SET value = ? WHERE key = 'rows'", (str(rows),))
 
-    def _put_meta(self, key: str, value: int) -> None:
-        """One meta value, inside the caller's transaction."""
-        assert self.db is not None
-        self.db.db.execute(
-            "INSERT INTO meta(key, value) VALUES(?, ?) "
-            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            (key, str(value)),
-        )
-
-    def _trim_checksums(self, rows: int) -> None:
-        """Checksums for the first `rows` rows only (a lost write shortened the file)."""
-        assert self.db is not None
-        if self._crc_from is None:
-            return
-        q = self.db.db.execute
-        if rows <= self._crc_from:
-            q("DELETE FROM blocks")
-            self._put_meta("crc_from", rows)
-            self._crc_from = rows
-            return
-        block, keep = divmod(rows - self._crc_from, self._crc_rows)
-        q("DELETE FROM blocks WHERE block >= ?", (block + (1 if keep else 0),))
-        if keep:  # the block the file now ends in: its checksum anew, from what is left
-            data = self._pread(self._crc_from + block * self._crc_rows, keep)
-            q("INSERT OR REPLACE INTO blocks VALUES(?, ?, ?)", (block, keep, zlib.crc32(data)))
-
-    def _checksum(self, first: int, data: bytes) -> None:
-        """Extend the blocks' CRC32s over rows appended at `first` (in the commit's
-        transaction): one row per block of ~16 MB, crc32 costs ~10 ms a block."""
-        assert self.db is not None
-        if self._crc_from is None or first < self._crc_from:
-            return
-        q, view, size = self.db.db.execute, memoryview(data), self.row_bytes
-        row, pos = first, 0
-        while pos < len(view):
-            block, offset = divmod(row - self._crc_from, self._crc_rows)
-            take = min(self._crc_rows - offset, (len(view) - pos) // size)
-            got = q("SELECT rows, crc32 FROM blocks WHERE block = ?", (block,)).fetchone()
-            covered, crc = got if got else (0, 0)
-            if covered != offset:  # rows written without checksums (an older writer): from
-                start = row - offset  # the file, as it is
-                covered, crc = offset, zlib.crc32(self._pread(start, offset))
-            crc = zlib.crc32(view[pos : pos + take * size], crc)
-            q("INSERT OR REPLACE INTO blocks VALUES(?, ?, ?)", (block, offset + take, crc))
-            row, pos = row + take, pos + take * size
-
-    def _reserve(self, end: int) -> None:
-        """Let the vector file grow to `end` rows before it is appended to: a reader tells a
-        torn tail (up to `reserved`) from bytes that do not belong (beyond it). Each commit
-        reserves its next batch's room, so this costs a transaction only when batches grow."""
-        if end > self._reserved:
-            assert self.db is not None
-            with self.db.writing():
-                self._put_meta("reserved", end)
-            self._reserved = end
-
     def close(self) -> None:
         self._row_of = None
         if self._fd is not None:
@@ -389,7 +208,6 @@ class Shard:
             os.close(self._lock_fd)  # closing releases the lock
             self._lock_fd = None
 
-    # a reader that serves a loaded index
     def hold(self) -> None:
         """Hold what this reader reads from now on: the vector file open, the seq -> row
         table read. The files at these names may be replaced by another index (a re-embed)
@@ -400,7 +218,7 @@ class Shard:
         try:
             self._row_of = self._row_table()
         except sqlite3.DatabaseError as e:
-            raise self._refuse(f"{self.folder / 'items.db'} is damaged: {e}") from None
+            raise self._refuse(f"{self.files.db} is damaged: {e}") from None
         seqs = np.flatnonzero(self._row_of >= 0)
         if len(seqs):
             try:
@@ -425,26 +243,6 @@ class Shard:
         row_of[seq] = row
         return row_of.astype(np.int32) if len(row) and row.max() < 2**31 else row_of
 
-    def _open_vectors(self) -> None:
-        """The vector file, opened once. Held, no file is opened by name any more: one that
-        was not there when the reader held its rows is another version's."""
-        if self._fd is not None:
-            return
-        if self._last_seq is not None:
-            gone = "not there when the index was loaded"
-            raise OSError(errno.ENOENT, gone, str(self.vector_path))
-        fd = os.open(self.vector_path, os.O_RDONLY)
-        # closed by `close`, or when the shard is dropped unclosed (a reloaded index)
-        self._fd, self._close_fd = fd, weakref.finalize(self, os.close, fd)
-
-    # facts
-    def _meta_int(self, key: str) -> int:
-        return int(self.db.get_meta(key) or 0) if self.db is not None else 0
-
-    @property
-    def rows(self) -> int:
-        return self._meta_int("rows")
-
     def counts(self) -> ShardCounts:
         if self.db is None:
             return ShardCounts(0, 0, 0, 0)
@@ -461,54 +259,6 @@ class Shard:
 
     def to_id(self, seq: np.ndarray | int):
         return seq * self.shards + self.shard
-
-    # damage
-    def _damaged(self, what: str) -> str:
-        return f"{self.vector_path} is damaged: {what}"
-
-    def _refuse(self, problem: str) -> DamagedIndex:
-        return refusal(problem, index_of(self.folder))
-
-    def file_problem(self) -> str | None:
-        """Why the vector file cannot be this shard's, by its size alone (None: it can)."""
-        if self.db is None:
-            return None
-        rows = self.rows  # read before the size: the bytes of committed rows come first
-        try:
-            size = self.vector_path.stat().st_size
-        except FileNotFoundError:
-            size = None
-        reserved = self.db.get_meta("reserved")  # after: the writer reserves, then appends
-        need = rows * self.row_bytes
-        if size is None:
-            if not rows:
-                return None
-            return f"{self.vector_path} is missing: its shard commits {rows:,} rows to it"
-        if size < need:
-            return self._damaged(f"{size:,} bytes, its {rows:,} committed rows take {need:,}")
-        if reserved is not None and size > max(int(reserved), rows) * self.row_bytes:
-            return self._damaged(f"{size - need:,} bytes past its {rows:,} committed rows")
-        return None
-
-    def _bad_norms(self, vectors: np.ndarray) -> np.ndarray:
-        """Rows that are not unit vectors (all-zero rows pass: what a model may return)."""
-        with np.errstate(over="ignore", invalid="ignore"):
-            n2 = np.einsum("ij,ij->i", vectors, vectors)
-            return ~(np.abs(n2 - 1) <= NORM_TOLERANCE[self.dtype.name]) & (n2 != 0)
-
-    def _check_norms(self, vectors: np.ndarray, rows: np.ndarray) -> None:
-        bad = self._bad_norms(vectors)
-        if bad.any():
-            i = int(np.argmax(bad))
-            with np.errstate(over="ignore", invalid="ignore"):
-                norm = float(np.sqrt(np.sum(np.square(vectors[i], dtype=np.float64))))
-            raise self._refuse(
-                self._damaged(f"row {int(rows[i])} is not a unit vector (norm {norm:.3g})")
-            )
-
-    # reading
-    def _query(self, sql: str, params: Sequence = ()) -> list:
-        return [] if self.db is None else self.db.db.execute(sql, params).fetchall()
 
     def _column(self, sql: str) -> np.ndarray:
         """One integer column, streamed from the cursor (no list of row tuples: 2M rows of
@@ -528,158 +278,11 @@ class Shard:
             chunk = seqs[start : start + 500]
             marks = ",".join("?" * len(chunk))
             for row in self._query(
-                "SELECT seq, path, label, sha256, bytes, mtime, width, height FROM items "
-                f"WHERE seq IN ({marks}) AND {self._seen}",
+                f"SELECT seq, {ITEM_COLUMNS} FROM items WHERE seq IN ({marks}) AND {self._seen}",
                 chunk,
             ):
                 out[row[0]] = Item(int(self.to_id(row[0])), py_path(row[1]), *row[2:])
         return out
-
-    def read_rows(self, rows: np.ndarray) -> np.ndarray:
-        """float32 vectors of these rows (in the order given), read with pread, not mapped.
-
-        Reading (not memory-mapping) keeps a bulk pass over millions of rows out of the
-        process's resident memory; runs of adjacent rows are read at once.
-        """
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
-        if len(rows) == 0:
-            return out
-        self._open_vectors()
-        rows = np.asarray(rows, dtype=np.int64)
-        direct = self.dtype == np.float32 and bool(np.all(np.diff(rows) >= 0))
-        order = np.arange(len(rows)) if direct else np.argsort(rows, kind="stable")
-        sorted_rows = rows[order]
-        breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
-        start = 0
-        for end in [*breaks.tolist(), len(sorted_rows)]:
-            first, count = int(sorted_rows[start]), end - start
-            offset, size = first * self.row_bytes, count * self.row_bytes
-            if direct:  # rows in order (a bulk pass): straight into the result, no copy
-                got = os.preadv(self._fd, [memoryview(out[start:end]).cast("B")], offset)
-            else:
-                data = os.pread(self._fd, size, offset)
-                got = len(data)
-                block = np.frombuffer(data, dtype=self.dtype).reshape(count, self.dim)
-                out[order[start:end]] = block
-            if got != size:
-                raise OSError(errno.EIO, "vector file shorter than its rows", str(self.vector_path))
-            start = end
-        self._check_norms(out, rows)  # a row read alone has no checksum to hand: its norm
-        return out
-
-    def _pread(self, first: int, count: int) -> bytes:
-        """`count` rows' bytes from row `first`, exactly (short: the file is damaged)."""
-        self._open_vectors()
-        data = os.pread(self._fd, count * self.row_bytes, first * self.row_bytes)
-        if len(data) != count * self.row_bytes:
-            raise self._refuse(self._damaged(f"shorter than its rows {first}-{first + count - 1}"))
-        return data
-
-    def _checksums(self) -> dict[int, tuple[int, int]]:
-        """block -> (rows it covers, crc32)."""
-        if self.db is None or not self.db.has_table("blocks"):
-            return {}
-        rows = self.db.db.execute("SELECT block, rows, crc32 FROM blocks").fetchall()
-        return {b: (n, crc) for b, n, crc in rows}
-
-    def _block(self, block: int, rows: int, crc: int) -> tuple[np.ndarray, str | None]:
-        """A block's rows as stored, and the problem if its checksum does not match."""
-        first = (self._crc_from or 0) + block * self._crc_rows
-        data = self._pread(first, rows)
-        problem = None
-        if zlib.crc32(data) != crc:
-            problem = self._damaged(f"rows {first}-{first + rows - 1} do not match their checksum")
-        return np.frombuffer(data, dtype=self.dtype).reshape(rows, self.dim), problem
-
-    def _read_checked(self, rows: np.ndarray, blocks: dict, held: dict) -> np.ndarray:
-        """float32 rows of a bulk pass: whole blocks read and checked against their CRC32
-        (`held`: the last one read, since a pass goes through the rows in order); rows that
-        no checksum covers (written before they were kept) are read by `read_rows`."""
-        if self._crc_from is None or not blocks:
-            return self.read_rows(rows)
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
-        rel = rows - self._crc_from
-        block_of = np.where(rel >= 0, rel // self._crc_rows, -1)
-        covered = np.zeros(len(rows), dtype=bool)
-        for block in np.unique(block_of[block_of >= 0]).tolist():
-            if block not in blocks:
-                continue
-            count, crc = blocks[block]
-            mine = (block_of == block) & (rel - block * self._crc_rows < count)
-            if not mine.any():
-                continue
-            if held.get("block") != block:
-                vectors, problem = self._block(block, count, crc)
-                if problem:
-                    raise self._refuse(problem)
-                held["block"], held["rows"] = block, vectors
-            out[mine] = held["rows"][rel[mine] - block * self._crc_rows]
-            covered |= mine
-        if not covered.all():
-            out[~covered] = self.read_rows(rows[~covered])
-        return out
-
-    def check(self) -> ShardCheck:
-        """Every problem of this shard's files (`index check`): the vector file's size,
-        items past the committed rows, every block's checksum, norms where none is kept."""
-        found = ShardCheck()
-        if self.db is None:
-            return found
-        path, size_of_row = self.vector_path, self.row_bytes
-        problem = self.file_problem()
-        if problem:
-            found.problems.append(problem)
-        rows = self.rows
-        size = path.stat().st_size if path.exists() else 0
-        if not problem and size > rows * size_of_row:
-            found.notes.append(
-                f"{path}: {size - rows * size_of_row:,} bytes past its committed rows (a write "
-                "that was interrupted or is running; the next embed truncates them)"
-            )
-        beyond = self._query("SELECT count(*) FROM items WHERE row < 0 OR row >= ?", (rows,))
-        if beyond[0][0]:
-            found.problems.append(
-                f"{self.folder / 'items.db'} is damaged: {beyond[0][0]:,} items name rows "
-                f"past its {rows:,} committed rows"
-            )
-        readable = min(rows, size // size_of_row)
-        spans = []  # (first, end) of the rows checksums cover
-        for block, (count, crc) in sorted(self._checksums().items()):
-            first = (self._crc_from or 0) + block * self._crc_rows
-            end = min(first + count, readable)
-            if end <= first:
-                continue
-            spans.append((first, end))
-            if end < first + count:
-                continue  # the file is short: said above
-            problem = self._block(block, count, crc)[1]
-            found.by_checksum += count
-            if problem:
-                found.problems.append(problem)
-        start = 0
-        for first, end in [*spans, (readable, readable)]:  # the rows between: norms only
-            for at in range(start, first, self.block_rows):
-                count = min(self.block_rows, first - at)
-                block = np.frombuffer(self._pread(at, count), dtype=self.dtype)
-                bad = self._bad_norms(block.reshape(count, self.dim).astype(np.float32))
-                found.by_norm += count
-                if bad.any():
-                    found.problems.append(
-                        f"{path} is damaged: {int(bad.sum()):,} of rows {at}-{at + count - 1} "
-                        f"are not unit vectors (the first: row {at + int(np.argmax(bad))})"
-                    )
-            start = max(start, end)
-        if found.by_norm:
-            found.notes.append(
-                f"{path}: {found.by_norm:,} rows have no checksums (written before mocoserve "
-                "kept them): checked by their norms only"
-            )
-        return found
-
-    @property
-    def block_rows(self) -> int:
-        """Rows per block of a bulk pass: about 16 MB of float32, whatever the dimension."""
-        return max(1024, (16 << 20) // (self.dim * 4))
 
     def vectors(self, seqs: np.ndarray | None = None, batch: int | None = None) -> Iterator[tuple]:
         """(ids, float32 vectors) blocks in seq order, for all items or the given seqs."""
@@ -758,7 +361,6 @@ class Shard:
         )
         return [(py_path(p), label, row) for p, label, row in rows]
 
-    # writing (the shard's one writer)
     def commit_batch(self, added: list[NewItem], failed: list[tuple[str, str]]) -> list[int]:
         """Append the vectors (fsynced), then record items and failures in one transaction."""
         assert self.writer and self.db is not None
@@ -767,17 +369,7 @@ class Shard:
             block = np.ascontiguousarray(np.stack([a.vector for a in added]), dtype=self.dtype)
             data = block.tobytes()
             self._reserve(first + len(added))
-            try:
-                with open(self.vector_path, "ab") as f:
-                    if f.tell() != first * self.row_bytes:
-                        raise OSError(errno.EIO, "does not end at its committed rows")
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-            except OSError as e:  # a full disk: nothing refers to the partial tail yet
-                raise OSError(
-                    e.errno, f"cannot write the vectors: {e.strerror}", str(self.vector_path)
-                ) from None
+            self._append(first, data)
         ids = []
         with self.db.writing():
             q = self.db.db.execute
@@ -837,28 +429,49 @@ class Shard:
                 [(label, db_path(path)) for label, path in labels],
             )
 
+    def import_items(self, items: list[Item], vectors: np.ndarray) -> None:
+        """Add items with their ids as seqs, and their vectors (a format-1 index migrating
+        into one shard, where seq = id)."""
+        assert self.writer and self.db is not None and self.shards == 1
+        first = self.rows
+        data = np.ascontiguousarray(vectors, dtype=self.dtype).tobytes()
+        self._reserve(first + len(items))
+        self._append(first, data)
+        with self.db.writing():
+            self.db.db.executemany(
+                f"INSERT INTO items(seq, {ITEM_COLUMNS}, row) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (it.id, db_path(it.path), it.label, it.sha256, it.bytes, it.mtime, it.width,
+                     it.height, first + k)
+                    for k, it in enumerate(items)
+                ],
+            )  # fmt: skip
+            self._set_rows(first + len(items))
+            self._checksum(first, data)
+            self._put_meta("reserved", first + len(items))
+
 
 class ShardedStore:
     """A format-2 index's items across its shards, read-only (search, knn, app, service)."""
 
     def __init__(self, index_path: str | Path) -> None:
         self.index_path = Path(index_path)
-        self.catalog = Catalog(sidecar_path(index_path), readonly=True)
-        self.shards = int(self.catalog.get_meta("shards") or 1)
-        self.dim = int(self.catalog.get_meta("dim") or 0)
-        self.dtype = self.catalog.get_meta("store_dtype") or "float32"
+        self.files = IndexFiles(self.index_path)
+        self.catalog = Catalog(self.files.catalog, readonly=True)
+        meta = CatalogMeta.of(self.catalog)
+        self.shards, self.dim, self.dtype = meta.shards, meta.dim, meta.store_dtype
         self._open: dict[int, Shard] = {}
         self._len: int | None = None
         self.listed = self.catalog.listed_shards()  # None: an index from before the list
         for s in sorted(self.listed or ()):  # a lost shard is refused, not read as empty
-            missing = shard_missing(shard_path(self.index_path, s, self.shards), s)
+            missing = shard_missing(self.files.shard(s, self.shards), s)
             if missing:
                 self.catalog.close()
                 raise refusal(missing, self.index_path)
 
     def shard(self, s: int) -> Shard:
         if s not in self._open:
-            folder = shard_path(self.index_path, s, self.shards)
+            folder = self.files.shard(s, self.shards)
             required = self.listed is not None and s in self.listed
             self._open[s] = Shard(folder, s, self.shards, self.dim, self.dtype, required=required)
         return self._open[s]
@@ -970,106 +583,3 @@ class ShardedStore:
         found.sort(key=lambda r: os.fsencode(r[0]))
         vectors = np.stack([r[2] for r in found]) if found else np.zeros((0, self.dim), np.float32)
         return [r[0] for r in found], [r[1] for r in found], vectors
-
-
-def open_store(index_path: str | Path) -> ShardedStore | Sidecar:
-    """An index's items, read-only, in whichever format it is."""
-    db = sidecar_path(index_path)
-    version = format_version(db)
-    if version is None:
-        damage = catalog_damage(index_path)
-        if damage:
-            raise DamagedIndex(damage)
-        raise UserError(f"{index_path} is not an index (no readable {db.name})")
-    if version > FORMAT_VERSION:
-        raise UserError(f"{index_path} is a format {version} index; upgrade mocoserve")
-    if version == FORMAT_VERSION:
-        return ShardedStore(index_path)
-    return Sidecar(db, readonly=True)
-
-
-def migrate(index_path: str | Path) -> int:
-    """Move a format-1 index (vectors in SQLite) to format 2 (one shard), keeping every id.
-
-    The caller holds the index's writer lock. The shard is built in a temporary folder and
-    renamed into place; the catalog switches to format 2 in one transaction that also drops
-    the old tables, so a crash at any point leaves format 1 (redone next time) or format 2.
-    Returns how many items moved.
-    """
-    index_path = Path(index_path)
-    db = sidecar_path(index_path)
-    if format_version(db) != 1:
-        return 0
-    old = Sidecar(db)
-    try:
-        dim = int(old.get_meta("dim") or 0)
-        shards_dir = shards_path(index_path)
-        if shards_dir.exists():
-            shutil.rmtree(shards_dir)  # an earlier migration that did not finish
-        staging = shards_dir / ".migrating"
-        moved = 0
-        if dim:
-            shard = Shard(staging, 0, 1, dim, writer=True)
-            try:
-                next_id = old.db.execute(
-                    "SELECT seq FROM sqlite_sequence WHERE name = 'items'"
-                ).fetchone()
-                for ids, vectors in old.vectors():
-                    items = old.items(ids)
-                    _copy_rows(shard, [items[int(i)] for i in ids], vectors)
-                    moved += len(ids)
-                failures = old.failures()
-                if failures:
-                    shard.commit_batch([], failures)
-                if next_id:  # AUTOINCREMENT goes on from where format 1 was: no id reused
-                    with shard.db.writing():  # type: ignore[union-attr]
-                        shard.db.db.execute(  # type: ignore[union-attr]
-                            "INSERT OR REPLACE INTO sqlite_sequence(name, seq) VALUES('items', ?)",
-                            (int(next_id[0]),),
-                        )
-            finally:
-                shard.close()
-            os.replace(staging, shard_path(index_path, 0, 1))
-            fsync_dir(shards_dir)
-        with old.writing():
-            old.db.executemany(
-                "INSERT INTO meta(key, value) VALUES(?, ?) "
-                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                [
-                    ("format_version", str(FORMAT_VERSION)),
-                    ("shards", "1"),
-                    ("store_dtype", "float32"),
-                    ("shards_made", "0" if dim else ""),
-                ],
-            )
-            old.db.execute("DROP TABLE items")
-            old.db.execute("DROP TABLE failures")
-        old.db.execute("VACUUM")
-    finally:
-        old.close()
-    return moved
-
-
-def _copy_rows(shard: Shard, items: list[Item], vectors: np.ndarray) -> None:
-    """Copy format-1 items with their ids (seq = id: one shard) and vectors into a shard."""
-    assert shard.db is not None
-    first = shard.rows
-    data = np.ascontiguousarray(vectors, dtype=shard.dtype).tobytes()
-    shard._reserve(first + len(items))
-    with open(shard.vector_path, "ab") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    with shard.db.writing():
-        shard.db.db.executemany(
-            "INSERT INTO items(seq, path, label, sha256, bytes, mtime, width, height, row) "
-            "VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (it.id, db_path(it.path), it.label, it.sha256, it.bytes, it.mtime, it.width,
-                 it.height, first + k)
-                for k, it in enumerate(items)
-            ],
-        )  # fmt: skip
-        shard._set_rows(first + len(items))
-        shard._checksum(first, data)
-        shard._put_meta("reserved", first + len(items))

@@ -1,52 +1,53 @@
-"""The write path of an index, in one place: `IndexWriter` and the ingest pipeline.
+"""The write path of an index, in one place: `IndexWriter`.
 
 Whoever changes an index goes through an `IndexWriter`: it takes the index's writer lock
 (`out.faiss.lock`) to create, migrate or build; it opens, each under its own lock, the
 shards this process writes; it routes committed batches to their shards; and it builds the
 FAISS file from every shard. Readers (search, knn, the app, the service) never write.
 
-Ingest is a pipeline after clip-retrieval's reader → mapper → writer: decoding in worker
-processes (`decode_files`), the model, and the shard commit, each stage timed.
+A build is a decision (`plan_build`: `Rebuild | Patch | Retune | Keep`, from plain facts)
+and the steps that carry it out. The ingest pipeline that feeds the writer (read, decode,
+model, commit) is `mocoserve.ingest`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
+import faiss
 import numpy as np
 
-from mocoserve.ann import vectors as vec
-from mocoserve.ann.planner import FLAT_LIMIT, IndexChoice, show_size
-from mocoserve.core.decode import Decoded, decode_files
+from mocoserve.ann.factory import base_ivf, exact_codes, new_index, on_disk
+from mocoserve.ann.io import lists_file, write_atomic
+from mocoserve.ann.ondisk import patch_on_disk
+from mocoserve.ann.params import apply_settings
+from mocoserve.ann.planner import FLAT_LIMIT, IndexChoice, Plan, show_size
+from mocoserve.ann.sync import diff_ids
+from mocoserve.ann.tune import RECALL_TARGET, tune
 from mocoserve.core.errors import UserError
-from mocoserve.index.dbfile import format_version
-from mocoserve.index.formats import NewItem
-from mocoserve.index.store import (
-    DTYPES,
+from mocoserve.core.files import lock_file
+from mocoserve.core.manifest import ModelFacts
+from mocoserve.index.catalog import (
+    BUILT,
+    CHOICE,
     FORMAT_VERSION,
+    MADE,
     Catalog,
-    DamagedIndex,
-    Shard,
-    ShardedStore,
+    CatalogMeta,
     catalog_damage,
-    has_index_data,
-    migrate,
-    refusal,
-    shard_missing,
-    shard_of,
-    shard_path,
-    shards_path,
-    sidecar_path,
 )
-from mocoserve.model import PackageEncoder, to_input
-
-ProgressFn = Callable[[int], None]
+from mocoserve.index.dbfile import format_version
+from mocoserve.index.faissfile import build_faiss, load_faiss, same_kind
+from mocoserve.index.files import DamagedIndex, IndexFiles, refusal
+from mocoserve.index.formats import migrate
+from mocoserve.index.items import NewItem
+from mocoserve.index.store import Shard, ShardedStore, shard_missing, shard_of
+from mocoserve.index.vectorfile import DTYPES
 
 
 class FileStat(Protocol):
@@ -58,92 +59,10 @@ class FileStat(Protocol):
     mtime: int
 
 
-Sink = Callable[[list[NewItem], list[tuple[str, str]]], None]
-
-
-def model_fingerprint(model_dir: str | Path) -> str:
-    """sha256 of a package's manifest.json (which lists every file's sha256)."""
-    from mocoserve.core.manifest import sha256_file
-
-    return sha256_file(Path(model_dir) / "manifest.json")
-
-
 def acquire_lock(index_path: str | Path, wait: bool = False) -> int:
     """The index's writer lock (a file descriptor; closing it releases the lock)."""
-    fd = os.open(f"{index_path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
-        os.close(fd)
-        raise UserError(f"{index_path} is being written by another process") from None
-    return fd
-
-
-@dataclass
-class IngestCounts:
-    """What one pass of the pipeline did, and where its time went."""
-
-    embedded: int = 0
-    failed: int = 0
-    failures: list[tuple[str, str]] = field(default_factory=list)
-    decode_wait_s: float = 0.0  # waiting for decoded images (the reader)
-    embed_s: float = 0.0  # the model (the mapper)
-    commit_s: float = 0.0  # vectors fsynced, metadata committed (the writer)
-
-
-def ingest(
-    encoder: PackageEncoder,
-    paths: Sequence[str],
-    labels: Sequence[str | None],
-    sink: Sink,
-    batch_size: int,
-    workers: int,
-    progress: ProgressFn | None = None,
-) -> IngestCounts:
-    """Decode, embed and commit files batch by batch; each batch is durable before the next."""
-    label_of = dict(zip(paths, labels, strict=True))
-    counts = IngestCounts()
-    ready: list[Decoded] = []
-    failed: list[tuple[str, str]] = []
-
-    def flush() -> None:
-        started = time.perf_counter()
-        vectors = (
-            vec.normalize(encoder.embed(to_input(np.stack([d.pixels for d in ready]))))
-            if ready
-            else np.zeros((0, encoder.embedding_dim), dtype=np.float32)
-        )
-        counts.embed_s += time.perf_counter() - started
-        added = [
-            NewItem(d.path, label_of[d.path], d.sha256, d.bytes, d.mtime, d.width, d.height, v)
-            for d, v in zip(ready, vectors, strict=True)
-        ]
-        started = time.perf_counter()
-        sink(added, failed)
-        counts.commit_s += time.perf_counter() - started
-        counts.embedded += len(added)
-        counts.failed += len(failed)
-        counts.failures.extend(failed)
-        if progress is not None:
-            progress(len(added) + len(failed))
-        ready.clear()
-        failed.clear()
-
-    decoded = iter(decode_files(paths, encoder.resize, encoder.input_size, workers))
-    while True:
-        started = time.perf_counter()
-        item = next(decoded, None)
-        counts.decode_wait_s += time.perf_counter() - started
-        if item is None:
-            break
-        if item.error:
-            failed.append((item.path, item.error))
-        else:
-            ready.append(item)
-        if len(ready) >= batch_size:
-            flush()
-    flush()
-    return counts
+    busy = f"{index_path} is being written by another process"
+    return lock_file(IndexFiles(index_path).lock, busy, wait)
 
 
 @dataclass
@@ -155,7 +74,78 @@ class BuildInfo:
     nprobe: int | None
     recall_at_10: float | None
     version: int
-    summary: str = ""  # `describe_build`'s line
+    summary: str = ""  # `CatalogMeta.describe_build`'s line
+
+
+# --- what a build does: decided from plain facts, then carried out ---
+
+
+@dataclass(frozen=True)
+class FaissFacts:
+    """The FAISS file as a build finds it."""
+
+    present: bool  # there, readable, and of the kind the catalog names
+    on_disk: bool = False  # its inverted lists are in a lists file
+    ivf: bool = False
+    stale: int = 0  # on-disk lists: ids the store no longer has
+    missing: int = 0  # ... and ids the store has that the lists lack
+
+
+@dataclass(frozen=True)
+class Rebuild:
+    """Train and tune a new index (its lists in a new lists file when `on_disk`)."""
+
+    factory: str
+    on_disk: bool
+    why: str  # the plan's reason, remembered as plan_why
+    note: str | None = None  # said to the user: the index type changed, and why
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Patch on-disk lists by id into a new lists file (readers keep the old one until they
+    reopen); `retune` the search settings too (the recall target changed)."""
+
+    retune: bool = False
+
+
+@dataclass(frozen=True)
+class Retune:
+    """Keep the index; tune its search settings for a new recall target."""
+
+
+@dataclass(frozen=True)
+class Keep:
+    """Keep the index and its settings (an in-memory index is patched by id as it is read)."""
+
+
+Decision = Rebuild | Patch | Retune | Keep
+DRIFT = 0.1  # an IVF index is trained anew when the count drifts this much from its training
+
+
+def plan_build(
+    meta: CatalogMeta, n: int, plan: Plan, target: float, disk: bool, found: FaissFacts
+) -> Decision:
+    """What a build of `n` vectors does, given the catalog, the planner's choice for them,
+    the recall target, whether the lists go on disk, and the FAISS file as found.
+
+    Rebuilt when the file is missing, of another kind (an IVF's nlist within 2x is the same
+    kind), moved to or from disk, or an IVF whose count drifted 10% from its training;
+    otherwise on-disk lists that lag the store are patched, and search is re-tuned when the
+    recall target changed.
+    """
+    current = meta.factory
+    kind_changed = not same_kind(current, plan.factory)
+    drifted = abs(n - meta.tuned_ntotal) > DRIFT * max(meta.tuned_ntotal, 1)
+    if not found.present or kind_changed or found.on_disk != disk or (found.ivf and drifted):
+        note = None
+        if found.present and kind_changed:
+            note = f"index type {current} -> {plan.factory} ({plan.why})"
+        return Rebuild(plan.factory if kind_changed else current, disk, plan.why, note)
+    retune = meta.tuned_target != target
+    if found.on_disk and (found.stale or found.missing):
+        return Patch(retune)
+    return Retune() if retune else Keep()
 
 
 class IndexWriter:
@@ -174,6 +164,7 @@ class IndexWriter:
         flat_limit: int = FLAT_LIMIT,
     ) -> None:
         self.path = Path(index_path)
+        self.files = IndexFiles(self.path)
         self.flat_limit = flat_limit
         if not self.path.parent.is_dir():
             raise UserError(f"folder {self.path.parent} does not exist (for --index {self.path})")
@@ -207,98 +198,80 @@ class IndexWriter:
     def catalog(self) -> Catalog:
         """The catalog, writable with the lock, else read-only (a shard-only writer)."""
         if self._catalog is None:
-            db = sidecar_path(self.path)
+            db = self.files.catalog
             if not self.locked and format_version(db) != FORMAT_VERSION:
                 raise UserError(f"{self.path} is not ready yet (its builder has not made it)")
             self._catalog = Catalog(db, readonly=not self.locked)
         return self._catalog
 
-    def meta(self) -> dict[str, str]:
-        return self.catalog().meta()
+    def meta(self) -> CatalogMeta:
+        return CatalogMeta.of(self.catalog())
 
     @property
     def shard_count(self) -> int:
-        return int(self.catalog().get_meta("shards") or 1)
+        return self.meta().shards
 
     def prepare(
         self,
-        encoder: PackageEncoder,
+        model: ModelFacts,
         shards: int | None = None,
         store_dtype: str | None = None,
         choice: IndexChoice | None = None,
         labels_from_folders: bool | None = None,
         expected: int = 0,
-    ) -> dict[str, str]:
+    ) -> CatalogMeta:
         """Create the index, or migrate (format 1) and check it: the model, dim, shards.
 
+        `model` is the facts of the package that makes the vectors (`ModelFacts.of_package`).
         `shards` and `store_dtype` are fixed when the index is made; given again they must
         match. `choice` (--index-type, --max-index-memory, --recall-target, --on-disk) and
         `labels_from_folders` are remembered for later runs.
         """
         if not self.locked:
             raise RuntimeError("prepare needs the index's writer lock")
-        db = sidecar_path(self.path)
+        self._refuse_to_orphan()
+        if format_version(self.files.catalog) == 1:
+            moved = migrate(self.path)
+            self.notes.append(f"moved {moved} items to the sharded layout (no re-embedding)")
+        catalog = self.catalog()
+        if shards is not None and not 1 <= shards <= 4096:
+            raise UserError(f"--shards must be from 1 to 4096, got {shards}")
+        if store_dtype is not None and store_dtype not in DTYPES:
+            raise UserError(f"--store-dtype must be {' or '.join(DTYPES)}, got {store_dtype!r}")
+        meta = self.meta()
+        if meta.model_sha256 is None:
+            catalog.set_meta(meta.made_with(model, shards, store_dtype).to_meta(MADE))
+        else:
+            meta.check_model(self.path, model.sha256, model.dim)
+            if shards is not None and shards != meta.shards:
+                raise UserError(
+                    f"{self.path} was made with {meta.shards} shard(s), not {shards}: the shard "
+                    f"count is fixed when an index is made (use --shard I/{meta.shards})"
+                )
+            if store_dtype is not None and store_dtype != meta.store_dtype:
+                raise UserError(f"{self.path} stores {meta.store_dtype} vectors, not {store_dtype}")
+        self.list_shards()
+        if choice is not None:
+            self.choose(choice, expected)
+        if labels_from_folders is not None:
+            labels = "folders" if labels_from_folders else "none"
+            catalog.set_meta(self.meta().replace(labels=labels).to_meta(["labels"]))
+        return self.meta()
+
+    def _refuse_to_orphan(self) -> None:
+        """Never a new index over another file, nor over a damaged catalog's data."""
+        db = self.files.catalog
         if self.path.exists() and not db.is_file():
             raise UserError(
                 f"{self.path} exists and is not an index made by embed (no {db.name}); "
                 "choose another --index"
             )
         damage = catalog_damage(self.path)
-        if damage and has_index_data(self.path):  # never a new index over the old one's shards
+        if damage and self.files.has_data():  # never a new index over the old one's shards
             raise DamagedIndex(
-                f"{damage}; the index's data is beside it ({shards_path(self.path).name}): "
+                f"{damage}; the index's data is beside it ({self.files.shards.name}): "
                 "restore the catalog, or embed into a new --index"
             )
-        if format_version(db) == 1:
-            moved = migrate(self.path)
-            self.notes.append(f"moved {moved} items to the sharded layout (no re-embedding)")
-        catalog = self.catalog()
-        fingerprint, dim = model_fingerprint(encoder.path), encoder.embedding_dim
-        if shards is not None and not 1 <= shards <= 4096:
-            raise UserError(f"--shards must be from 1 to 4096, got {shards}")
-        if store_dtype is not None and store_dtype not in DTYPES:
-            raise UserError(f"--store-dtype must be {' or '.join(DTYPES)}, got {store_dtype!r}")
-        meta = catalog.meta()
-        if meta.get("model_sha256") is None:
-            catalog.set_meta(
-                {
-                    "format_version": str(FORMAT_VERSION),
-                    "model_sha256": fingerprint,
-                    "model_path": str(Path(encoder.path).resolve()),
-                    "dim": str(dim),
-                    "metric": "inner_product",
-                    "normalized": "true",
-                    "shards": str(shards or 1),
-                    "store_dtype": store_dtype or "float32",
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                }
-            )
-        else:
-            if meta["model_sha256"] != fingerprint:
-                raise UserError(
-                    f"{self.path} was built with a different model (manifest sha256 "
-                    f"{meta['model_sha256'][:12]}…, this one {fingerprint[:12]}…); "
-                    "embed into a new --index or use the model it was built with"
-                )
-            if int(meta.get("dim") or dim) != dim:
-                raise UserError(
-                    f"{self.path} holds {meta['dim']}-d vectors; this model makes {dim}-d"
-                )
-            made = int(meta.get("shards") or 1)
-            if shards is not None and shards != made:
-                raise UserError(
-                    f"{self.path} was made with {made} shard(s), not {shards}: the shard count "
-                    f"is fixed when an index is made (use --shard I/{made})"
-                )
-            made_dtype = meta.get("store_dtype") or "float32"
-            if store_dtype is not None and store_dtype != made_dtype:
-                raise UserError(f"{self.path} stores {made_dtype} vectors, not {store_dtype}")
-        self.list_shards()
-        if choice is not None:
-            self.choose(choice, expected)
-        if labels_from_folders is not None:
-            catalog.set_meta({"labels": "folders" if labels_from_folders else "none"})
-        return catalog.meta()
 
     def list_shards(self) -> None:
         """Refuse a shard the catalog lists that is gone; list the ones made since (a
@@ -306,39 +279,39 @@ class IndexWriter:
         catalog, n = self.catalog(), self.shard_count
         listed = catalog.listed_shards()
         for s in sorted(listed or ()):
-            missing = shard_missing(shard_path(self.path, s, n), s)
+            missing = shard_missing(self.files.shard(s, n), s)
             if missing:
                 raise refusal(missing, self.path)
-        present = {s for s in range(n) if (shard_path(self.path, s, n) / "items.db").is_file()}
+        present = {s for s in range(n) if self.files.shard_db(s, n).is_file()}
         if self.locked and (listed is None or not present <= listed):
             catalog.list_shards(present)
 
     def choose(self, choice: IndexChoice, expected: int = 0) -> None:
         """Remember what the index is to be built as; checked (a UserError) before any work."""
-        catalog = self.catalog()
-        meta = catalog.meta()
-        dim = int(meta.get("dim") or 0)
-        if dim:
-            remembered = IndexChoice.from_meta(meta).merged(choice)
-            n = max(expected, int(meta.get("index_ntotal") or 0), 1)
-            vec.new_index(remembered.plan(n, dim, self.flat_limit).factory, dim)
-        catalog.set_meta(choice.to_meta())
+        meta = self.meta()
+        remembered = meta.replace(choice=meta.choice.merged(choice))
+        if meta.dim:
+            n = max(expected, meta.index_ntotal, 1)
+            new_index(remembered.choice.plan(n, meta.dim, self.flat_limit).factory, meta.dim)
+        given = choice.to_meta()  # only what was given is written
+        self.catalog().set_meta(remembered.to_meta(k for k in CHOICE if k in given))
 
     def labelled_by_folders(self) -> bool:
-        return self.catalog().get_meta("labels") == "folders"
+        return self.meta().labelled_by_folders
 
     # the shards this process writes
     def own(self, shard_ids: Iterable[int]) -> None:
         """Open these shards for writing (each under its own lock)."""
         meta = self.meta()
-        n, dim = int(meta.get("shards") or 1), int(meta["dim"])
-        dtype = meta.get("store_dtype") or "float32"
+        n = meta.shards
         listed = self.catalog().listed_shards()
         for s in shard_ids:
             if s not in self.shards:
                 required = listed is not None and s in listed  # a lost one is not made anew
-                folder = shard_path(self.path, s, n)
-                self.shards[s] = Shard(folder, s, n, dim, dtype, writer=True, required=required)
+                folder = self.files.shard(s, n)
+                self.shards[s] = Shard(
+                    folder, s, n, meta.dim, meta.store_dtype, writer=True, required=required
+                )
         if self.locked:
             self.catalog().list_shards(self.shards)
 
@@ -410,173 +383,125 @@ class IndexWriter:
         the blocks the build reads are checked as they are read.
 
         The index type is `mocoserve.ann.planner`'s choice for the store's size, the index's
-        remembered --index-type, --max-index-memory and --on-disk. It is rebuilt (trained
-        and tuned anew) when missing, of another kind, moved to or from disk, or when the
-        count drifted 10% from the last training; otherwise patched: in memory by id, on
-        disk into a new lists file (readers keep the old one until they reopen). Search is
-        re-tuned when the recall target changes.
+        remembered --index-type, --max-index-memory and --on-disk; `plan_build` decides
+        whether it is rebuilt, patched, re-tuned or kept.
         """
-        from mocoserve.index.reader import build_faiss, load_faiss, same_kind
-
         if not self.locked:
             raise RuntimeError("building needs the index's writer lock")
         self.list_shards()
-        catalog = self.catalog()
-        meta = catalog.meta()
+        meta = self.meta()
+        version = meta.version + 1
         store = ShardedStore(self.path)
-        version = int(meta.get("version") or 0) + 1
         try:
             if verify:
                 store.verify()
-            n, dim = len(store), int(meta.get("dim") or 0)
-            choice = IndexChoice.from_meta(meta)
-            plan = choice.plan(n, dim, self.flat_limit)
-            target = choice.recall_target or vec.RECALL_TARGET
-            disk = bool(choice.on_disk) and n > 0
-            lists_path = self._new_lists_path(version)
-            current = meta.get("factory") or "Flat"
-            index = load_faiss(store, self.path, current, dim, patch=False).index
-            tuned_at = int(meta.get("tuned_ntotal") or 0)
-            drifted = abs(n - tuned_at) > 0.1 * max(tuned_at, 1)
-            rebuild = (
-                index is None
-                or not same_kind(current, plan.factory)
-                or vec.on_disk(index) != disk
-                or (vec.base_ivf(index) is not None and drifted)
+            n = len(store)
+            plan = meta.choice.plan(n, meta.dim, self.flat_limit)
+            target = meta.choice.recall_target or RECALL_TARGET
+            disk = bool(meta.choice.on_disk) and n > 0
+            index = load_faiss(store, self.path, meta.factory, meta.dim, patch=False).index
+            stale = missing = np.zeros(0, dtype=np.int64)
+            if index is not None and on_disk(index):
+                stale, missing = diff_ids(index, store.ids())
+            found = FaissFacts(
+                index is not None,
+                index is not None and on_disk(index),
+                index is not None and base_ivf(index) is not None,
+                len(stale),
+                len(missing),
             )
-            if rebuild:
-                factory = plan.factory if not same_kind(current, plan.factory) else current
-                if index is not None and not same_kind(current, plan.factory):
-                    self.notes.append(f"index type {current} -> {plan.factory} ({plan.why})")
-                built = build_faiss(store, factory, target, lists_path if disk else None)
-                index, settings = built.index, built.settings
-                tuned = {
-                    "factory": built.factory if n else "Flat",
-                    "tuned_ntotal": str(n),
-                    "recall_at_10": f"{built.recall_at_10:.4f}" if built.recall_at_10 else "",
-                    "qps": f"{built.qps:.0f}" if built.qps else "",
-                    "tuned_target": repr(target),
-                    "plan_why": plan.why,
-                }
+            decision = plan_build(meta, n, plan, target, disk, found)
+            if isinstance(decision, Rebuild):
+                index, tuned = self._rebuild(store, decision, meta, target, version)
             else:
-                if vec.on_disk(index):
-                    stale, missing = vec.diff_ids(index, store.ids())
-                    if len(stale) or len(missing):
-                        index = vec.patch_on_disk(index, stale, store.vectors(missing), lists_path)
-                settings, tuned = vec.SearchSettings.from_meta(meta), {}
-                if meta.get("tuned_target") != repr(target):
-                    settings, recall, qps = vec.tune(index, store.vectors, n, target, store.gather)
-                    tuned = {
-                        "recall_at_10": f"{recall:.4f}" if recall else "",
-                        "qps": f"{qps:.0f}" if qps else "",
-                        "tuned_target": repr(target),
-                    }
-            vec.apply_settings(index, settings)
-            vec.write_atomic(index, self.path)
+                if isinstance(decision, Patch):
+                    lists = self._new_lists_path(version)
+                    index = patch_on_disk(index, stale, store.vectors(missing), lists)
+                retune = isinstance(decision, Retune) or getattr(decision, "retune", False)
+                tuned = self._retune(store, index, meta, target) if retune else meta
+            apply_settings(index, tuned.settings)
+            write_atomic(index, self.path)
         finally:
             store.close()
-        kept = vec.lists_file(index)
+        return self._record(index, tuned, target, version)
+
+    def _rebuild(
+        self, store: ShardedStore, decision: Rebuild, meta: CatalogMeta, target: float, version: int
+    ) -> tuple[faiss.Index, CatalogMeta]:
+        """A new index, trained and tuned; the catalog's facts of it."""
+        if decision.note:
+            self.notes.append(decision.note)
+        lists = self._new_lists_path(version) if decision.on_disk else None
+        built = build_faiss(store, decision.factory, target, lists)
+        return built.index, meta.replace(
+            factory=built.factory if len(store) else "Flat",
+            settings=built.settings,
+            tuned_ntotal=len(store),
+            recall_at_10=built.recall_at_10 or None,
+            qps=built.qps or None,
+            tuned_target=target,
+            plan_why=decision.why,
+        )
+
+    def _retune(
+        self, store: ShardedStore, index: faiss.Index, meta: CatalogMeta, target: float
+    ) -> CatalogMeta:
+        """The search settings tuned anew for `target`; the catalog's facts of them."""
+        settings, recall, qps = tune(index, store.vectors, len(store), target, store.gather)
+        return meta.replace(
+            settings=settings, recall_at_10=recall or None, qps=qps or None, tuned_target=target
+        )
+
+    def _record(
+        self, index: faiss.Index, tuned: CatalogMeta, target: float, version: int
+    ) -> BuildInfo:
+        """Drop the lists files no index names, write the build's facts to the catalog."""
+        kept = lists_file(index)
         self._drop_old_lists(Path(kept).name if kept else None)
         ram = self.path.stat().st_size
-        lists_bytes = Path(kept).stat().st_size if kept else 0
-        exact = vec.exact_codes(index) and not vec.on_disk(index)
-        catalog.set_meta(
-            {
-                **tuned,
-                **settings.to_meta(),
-                "on_disk_built": "true" if kept else "false",
-                "ram_bytes": str(ram),
-                "disk_bytes": str(lists_bytes),
-                "gpu_fp16": "true" if exact and fp16_keeps_target(meta, tuned, target) else "false",
-                "index_ntotal": str(index.ntotal),
-                "version": str(version),
-                "built_at": repr(time.time()),
-            }
+        exact = exact_codes(index) and not on_disk(index)
+        built = tuned.replace(
+            on_disk_built=bool(kept),
+            ram_bytes=ram,
+            disk_bytes=Path(kept).stat().st_size if kept else 0,
+            gpu_fp16=bool(exact) and tuned.fp16_keeps_target(target),
+            index_ntotal=index.ntotal,
+            version=version,
+            built_at=time.time(),
         )
-        budget = choice.max_index_memory
+        self.catalog().set_meta(built.to_meta(BUILT))
+        budget = built.choice.max_index_memory
         if budget is not None and ram > budget:
             self.notes.append(
                 f"the index takes {show_size(ram)} in RAM, over --max-index-memory "
                 f"{show_size(budget)}"
             )
-        meta = catalog.meta()
-        recall = meta.get("recall_at_10")
+        built = self.meta()
         return BuildInfo(
             index.ntotal,
-            meta.get("factory") or "Flat",
-            settings.nprobe,
-            float(recall) if recall else None,
+            built.factory,
+            built.settings.nprobe,
+            built.recall_at_10,
             version,
-            describe_build(meta),
+            built.describe_build(),
         )
 
     def _new_lists_path(self, version: int) -> Path:
         """A lists file name no file has (never the one readers map, whatever a crash left)."""
-        path, extra = self.path.with_name(f"{self.path.name}.lists-{version}"), 0
+        path, extra = self.files.lists(version), 0
         while path.exists():
             extra += 1
-            path = self.path.with_name(f"{self.path.name}.lists-{version}-{extra}")
+            path = self.files.lists(version, extra)
         return path
 
     def _drop_old_lists(self, keep: str | None) -> None:
         """Delete on-disk lists files the index no longer names (readers that mapped one
         keep reading it: an unlinked file lives until its last mapping goes)."""
-        for old in self.path.parent.glob(f"{self.path.name}.lists-*"):
+        for old in self.files.lists_files():
             if old.name != keep:
                 old.unlink(missing_ok=True)
-        for piece in self.path.parent.glob(f".{self.path.name}.lists-*.piece-*"):
+        for piece in self.files.pieces():
             piece.unlink(missing_ok=True)
-
-
-FP16_RECALL_COST = 0.001  # recall@10 lost by rounding unit vectors to float16 (measured:
-# a float16 store keeps 0.9997 of float32's neighbours, docs/benchmarks.md)
-
-
-def fp16_keeps_target(meta: dict[str, str], tuned: dict[str, str], target: float) -> bool:
-    """Whether GPU copies may store float16 (half the GPU memory) for an exact-code index:
-    the store is float16 already, or the tuned recall has room for fp16's rounding."""
-    if meta.get("store_dtype") == "float16":
-        return True
-    recall = tuned.get("recall_at_10", meta.get("recall_at_10"))
-    return not recall or float(recall) >= target + FP16_RECALL_COST
-
-
-def build_facts(meta: dict[str, str]) -> dict[str, Any]:
-    """What the last build chose and measured, from the catalog."""
-
-    def number(key: str, kind: type = int) -> Any:
-        value = meta.get(key)
-        return kind(value) if value else None
-
-    return {
-        "on_disk": meta.get("on_disk_built") == "true",
-        "plan": meta.get("plan_why"),
-        "ef_search": number("ef_search"),
-        "k_factor": number("k_factor") or 1,
-        "recall_at_10": number("recall_at_10", float),
-        "recall_target": number("tuned_target", float),
-        "qps": number("qps", float),
-        "ram_bytes": number("ram_bytes"),
-        "disk_bytes": number("disk_bytes"),
-        "max_index_memory": number("max_index_memory"),
-    }
-
-
-def describe_build(meta: dict[str, str]) -> str:
-    """One line: the index type, its bytes, and recall/QPS as tuned."""
-    facts = build_facts(meta)
-    parts = [meta.get("factory") or "Flat"]
-    if facts["ram_bytes"] is not None:
-        parts.append(f"{show_size(facts['ram_bytes'])} in RAM")
-    if facts["on_disk"] and facts["disk_bytes"] is not None:
-        parts.append(f"{show_size(facts['disk_bytes'])} of lists on disk")
-    settings = vec.SearchSettings.from_meta(meta).describe()
-    if facts["recall_at_10"] is not None:
-        tuned = f"recall@10 {facts['recall_at_10']:.3f}"
-        parts.append(f"{tuned} at {settings}" if settings else tuned)
-    if facts["qps"]:
-        parts.append(f"{facts['qps']:,.0f} queries/s on the CPU")
-    return ", ".join(parts)
 
 
 def shards_done(index_path: str | Path) -> tuple[bool, float]:

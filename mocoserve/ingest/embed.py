@@ -15,7 +15,6 @@ batch. Three ways to run it, the same index either way:
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,11 +24,15 @@ from mocoserve.ann.planner import FLAT_LIMIT, IndexChoice, parse_size
 from mocoserve.core.cluster import Group
 from mocoserve.core.decode import default_workers
 from mocoserve.core.errors import RunError, UserError
-from mocoserve.core.files import path_text
-from mocoserve.core.images import iter_image_files
-from mocoserve.index.store import ShardedStore, open_store, shard_of, sidecar_path
-from mocoserve.index.writer import IndexWriter, describe_build, ingest, shards_done
-from mocoserve.model import load
+from mocoserve.core.manifest import ModelFacts
+from mocoserve.index.catalog import CatalogMeta
+from mocoserve.index.files import IndexFiles
+from mocoserve.index.formats import open_store
+from mocoserve.index.store import ShardedStore, shard_of
+from mocoserve.index.writer import IndexWriter, shards_done
+from mocoserve.ingest.runner import Runner
+from mocoserve.ingest.scan import FolderSource, ImageSource
+from mocoserve.model import PackageEncoder, load
 
 
 @dataclass
@@ -66,54 +69,12 @@ class EmbedSummary:
     built: bool = False  # this process built the FAISS file
     shards: list[ShardSummary] = field(default_factory=list)
     rates: dict[int, float] = field(default_factory=dict)  # rank -> images/s
-    stages: dict[str, float] = field(default_factory=dict)  # decode_wait, embed, commit (s)
+    stages: dict[str, float] = field(default_factory=dict)  # scan, decode_wait, embed, commit (s)
     notes: list[str] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
         return (self.embedded + self.failed) / self.seconds if self.seconds > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class FoundFile:
-    path: str
-    label: str | None
-    bytes: int
-    mtime: int
-
-
-def scan(
-    roots: Sequence[str | Path],
-    labels_from_folders: bool,
-    keep: Callable[[str], bool] | None = None,
-) -> list[FoundFile]:
-    """Image files under the roots (a root may also be one file), each once, in order.
-
-    `keep(path)` picks the files of this process's shards before they are stat'ed, so a
-    process of many reads the size and mtime of its own files only.
-    """
-    found: dict[str, FoundFile] = {}
-    for root in roots:
-        root = Path(root)
-        if not root.exists():
-            raise UserError(f"{root} does not exist")
-        files = [root] if root.is_file() else iter_image_files(root)
-        for file in files:
-            path = os.path.abspath(file)
-            if path in found or (keep is not None and not keep(path)):
-                continue
-            label = None
-            if labels_from_folders and root.is_dir():
-                parts = Path(file).relative_to(root).parts
-                # ImageFolder: the top-level folder; its name as text (a label is TEXT in
-                # SQLite and a string in JSON: bytes that are not UTF-8 as \xNN)
-                label = path_text(parts[0]) if len(parts) > 1 else None
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue  # vanished between listing and stat
-            found[path] = FoundFile(path, label, st.st_size, st.st_mtime_ns)
-    return list(found.values())
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -128,11 +89,11 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def _stored_model(index_path: Path) -> str | None:
-    if not sidecar_path(index_path).is_file():
+    if not IndexFiles(index_path).catalog.is_file():
         return None
     store = open_store(index_path)
     try:
-        return store.get_meta("model_path")
+        return CatalogMeta.of(store).model_path
     finally:
         store.close()
 
@@ -168,14 +129,7 @@ def embed_folders(
     are fixed when an index is made. `on_start(todo, provider)` and `on_progress(n)` drive a
     progress bar.
     """
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if not roots:
-        raise UserError("give at least one image folder")
-    # before any file of the index is made: a mistyped folder leaves no empty index behind
-    for root in roots:
-        if not Path(root).exists():
-            raise UserError(f"{root} does not exist")
+    _check_request(roots, batch_size)
     started = time.perf_counter()
     index_path = Path(index_path)
     budget = parse_size(max_index_memory) if isinstance(max_index_memory, str) else max_index_memory
@@ -191,62 +145,28 @@ def embed_folders(
     # the package is verified (sha256s, its manifest against the model) before any file of
     # the index is written: a bad package leaves nothing behind
     encoder = load(model, backend, device, device_id=group.local_rank)
-    # the shard count: fixed when the index is made (by default one per process of the run)
-    new = not sidecar_path(index_path).exists()
-    if shard is not None:
-        count: int | None = shard[1]
-    elif shards is not None:
-        count = shards
-    else:
-        count = group.world if new else None
+    facts = ModelFacts.of_package(encoder.path)
+    count = _shard_count(index_path, shard, shards, group)
 
     writer: IndexWriter | None = None
     summary = EmbedSummary(provider=encoder.provider)
     try:
         # 1. the catalog: made, migrated and checked under the index lock, by one process
-        verdict = None
-        if group.rank == 0:
-            try:
-                writer = IndexWriter(
-                    index_path, lock=True, wait=shard is not None, flat_limit=flat_limit
-                )
-                writer.prepare(encoder, count, store_dtype, choice, labels_from_folders)
-                summary.notes += writer.notes
-                if shard is not None:  # a --shard task holds the lock only to prepare
-                    writer.own([shard[0]])  # made and listed in the catalog under the lock
-                    writer.close()
-                    writer = None
-            except UserError as e:
-                verdict = str(e)
-        verdict = group.broadcast(verdict)
-        if verdict is not None:
-            raise UserError(verdict)
-        if writer is None:
-            writer = IndexWriter(index_path, lock=False, flat_limit=flat_limit)
-
+        writer = _open_writer(
+            index_path,
+            group,
+            shard,
+            flat_limit,
+            summary,
+            lambda w: w.prepare(facts, count, store_dtype, choice, labels_from_folders),
+        )
         # 2. this process's shards: diff against the folders, remove, relabel, ingest
         n = writer.shard_count
         mine = [shard[0]] if shard else [s for s in range(n) if s % group.world == group.rank]
-        status: dict = {"rank": group.rank}
-        try:
-            _embed_shards(
-                writer, mine, n, roots, encoder, batch_size, workers, summary, on_start, on_progress
-            )
-            status["summary"] = asdict(summary)
-        except (UserError, RunError, OSError) as e:
-            status["error"] = f"{type(e).__name__}: {e}"
-            if not group.distributed:
-                raise
-        statuses = group.gather(status)
-        failed = [s for s in statuses if "error" in s]
-        if failed:
-            first = failed[0]
-            message = first["error"].split(": ", 1)[1]
-            raise RunError(f"rank {first['rank']}: {message}" if group.distributed else message)
-        if group.distributed:
-            _combine(summary, [s["summary"] for s in statuses])
-
-        # 3. the FAISS file: built by rank 0 (after every rank has finished: the gather above)
+        source = FolderSource(roots, writer.labelled_by_folders())
+        pipeline = Pipeline(encoder, batch_size, workers, on_start, on_progress)
+        _embed_everywhere(writer, group, mine, source, pipeline, summary)
+        # 3. the FAISS file: built by rank 0 (after every rank has finished: the gather in 2)
         if writer.locked:
             _build(writer, summary)
         elif shard is not None:
@@ -260,53 +180,142 @@ def embed_folders(
     return summary
 
 
+def _check_request(roots: Sequence[str | Path], batch_size: int) -> None:
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if not roots:
+        raise UserError("give at least one image folder")
+    # before any file of the index is made: a mistyped folder leaves no empty index behind
+    for root in roots:
+        if not Path(root).exists():
+            raise UserError(f"{root} does not exist")
+
+
+def _shard_count(
+    index_path: Path, shard: tuple[int, int] | None, shards: int | None, group: Group
+) -> int | None:
+    """The shard count to make or check: fixed when the index is made (by default one per
+    process of the run); None: as the index has it."""
+    if shard is not None:
+        return shard[1]
+    if shards is not None:
+        return shards
+    return group.world if not IndexFiles(index_path).catalog.exists() else None
+
+
+def _open_writer(
+    index_path: Path,
+    group: Group,
+    shard: tuple[int, int] | None,
+    flat_limit: int,
+    summary: EmbedSummary,
+    prepare: Callable[[IndexWriter], object],
+) -> IndexWriter:
+    """This process's writer, after rank 0 has prepared the catalog under the index lock
+    (a refusal there is every rank's). Rank 0 keeps the lock unless it is a --shard task."""
+    writer: IndexWriter | None = None
+    verdict = None
+    if group.rank == 0:
+        try:
+            writer = IndexWriter(
+                index_path, lock=True, wait=shard is not None, flat_limit=flat_limit
+            )
+            prepare(writer)
+            summary.notes += writer.notes
+            if shard is not None:  # a --shard task holds the lock only to prepare
+                writer.own([shard[0]])  # made and listed in the catalog under the lock
+                writer.close()
+                writer = None
+        except BaseException as e:
+            if writer is not None:
+                writer.close()
+            if not isinstance(e, UserError):
+                raise
+            verdict = str(e)
+    verdict = group.broadcast(verdict)
+    if verdict is not None:
+        raise UserError(verdict)
+    return writer or IndexWriter(index_path, lock=False, flat_limit=flat_limit)
+
+
+@dataclass
+class Pipeline:
+    """How this process embeds: the model, the batch size, the decoders, the progress calls."""
+
+    encoder: PackageEncoder
+    batch_size: int
+    workers: int | None
+    on_start: Callable[[int, str], None] | None = None
+    on_progress: Callable[[int], None] | None = None
+
+
+def _embed_everywhere(
+    writer: IndexWriter,
+    group: Group,
+    mine: list[int],
+    source: ImageSource,
+    pipeline: Pipeline,
+    summary: EmbedSummary,
+) -> None:
+    """This process's shards, then every rank's outcome: the first error is the run's."""
+    status: dict = {"rank": group.rank}
+    try:
+        _embed_shards(writer, mine, source, pipeline, summary)
+        status["summary"] = asdict(summary)
+    except (UserError, RunError, OSError) as e:
+        status["error"] = f"{type(e).__name__}: {e}"
+        if not group.distributed:
+            raise
+    statuses = group.gather(status)
+    failed = [s for s in statuses if "error" in s]
+    if failed:
+        first = failed[0]
+        message = first["error"].split(": ", 1)[1]
+        raise RunError(f"rank {first['rank']}: {message}" if group.distributed else message)
+    if group.distributed:
+        _combine(summary, [s["summary"] for s in statuses])
+
+
 def _embed_shards(
     writer: IndexWriter,
     mine: list[int],
-    n: int,
-    roots: Sequence[str | Path],
-    encoder,
-    batch_size: int,
-    workers: int | None,
+    source: ImageSource,
+    pipeline: Pipeline,
     summary: EmbedSummary,
-    on_start,
-    on_progress,
 ) -> None:
+    """Diff these shards against the source (remove, relabel), then embed what is left."""
+    n = writer.shard_count
     writer.own(mine)
     for s in mine:
         writer.mark(s, "started")
     owned = set(mine)
-    files = scan(roots, writer.labelled_by_folders(), keep=lambda p: shard_of(p, n) in owned)
-    abs_roots = [os.path.abspath(r) for r in roots]
-    todo: list[FoundFile] = []
+    found = source.scan(keep=lambda key: shard_of(key, n) in owned)
+    todo = []
     for s in mine:
-        here = [f for f in files if shard_of(f.path, n) == s]
-        part_todo, skipped, removed, relabel = writer.diff(s, here, abs_roots)
+        here = [f for f in found if shard_of(f.path, n) == s]
+        part_todo, skipped, removed, relabel = writer.diff(s, here, source.roots)
         todo += part_todo
         summary.shards.append(ShardSummary(s, skipped=skipped, removed=removed))
         summary.unlabelled += sum(1 for label, _ in relabel if label is None)
         summary.relabelled += sum(1 for label, _ in relabel if label is not None)
     summary.skipped = sum(p.skipped for p in summary.shards)
     summary.removed = sum(p.removed for p in summary.shards)
-    if on_start is not None:
-        on_start(len(todo), encoder.provider)
-    counts = ingest(
-        encoder,
-        [f.path for f in todo],
-        [f.label for f in todo],
-        writer.commit,
-        batch_size,
-        default_workers() if workers is None else workers,
-        on_progress,
+    if pipeline.on_start is not None:
+        pipeline.on_start(len(todo), pipeline.encoder.provider)
+    workers = default_workers() if pipeline.workers is None else pipeline.workers
+    runner = Runner.for_encoder(
+        pipeline.encoder, writer.commit, pipeline.batch_size, workers, pipeline.on_progress
     )
+    counts = runner.run(list(source.read(todo)))
     by_shard = {p.shard: p for p in summary.shards}
-    embedded_paths = {f.path for f in todo} - {p for p, _ in counts.failures}
-    for path in embedded_paths:
-        by_shard[shard_of(path, n)].embedded += 1
-    for path, _ in counts.failures:
-        by_shard[shard_of(path, n)].failed += 1
+    failed_keys = {key for key, _ in counts.failures}
+    for f in todo:
+        by_shard[shard_of(f.path, n)].embedded += f.path not in failed_keys
+    for key, _ in counts.failures:
+        by_shard[shard_of(key, n)].failed += 1
     summary.embedded, summary.failed = counts.embedded, counts.failed
     summary.stages = {
+        "scan": source.time.seconds,
         "decode_wait": counts.decode_wait_s,
         "embed": counts.embed_s,
         "commit": counts.commit_s,
@@ -326,7 +335,8 @@ def _combine(summary: EmbedSummary, parts: list[dict]) -> None:
     )
     summary.failures = sorted(tuple(f) for p in parts for f in p["failures"])
     summary.stages = {
-        k: max(p["stages"].get(k, 0.0) for p in parts) for k in ("decode_wait", "embed", "commit")
+        k: max(p["stages"].get(k, 0.0) for p in parts)
+        for k in ("scan", "decode_wait", "embed", "commit")
     }
     summary.rates = {r: p["embedded"] / max(p["seconds"], 1e-9) for r, p in enumerate(parts)}
 
@@ -354,7 +364,7 @@ def _build_if_last(
         )
         return
     with IndexWriter(index_path, lock=True, wait=True, flat_limit=flat_limit) as writer:
-        if float(writer.catalog().get_meta("built_at") or 0) >= newest:
+        if writer.meta().built_at >= newest:
             summary.notes.append("the index was built by another shard meanwhile")
             return
         _build(writer, summary)
@@ -365,11 +375,11 @@ def _totals(index_path: Path, summary: EmbedSummary) -> None:
     try:
         summary.total = len(store)
         summary.labelled = store.labelled()
-        meta = store.meta()
-        summary.factory = summary.factory or meta.get("factory", "Flat")
-        summary.index_line = describe_build(meta)
-        if meta.get("nprobe"):
-            summary.nprobe = int(meta["nprobe"])
-            summary.recall_at_10 = float(meta["recall_at_10"]) if meta.get("recall_at_10") else None
+        meta = CatalogMeta.of(store)
+        summary.factory = summary.factory or meta.factory
+        summary.index_line = meta.describe_build()
+        if meta.settings.nprobe:
+            summary.nprobe = meta.settings.nprobe
+            summary.recall_at_10 = meta.recall_at_10
     finally:
         store.close()

@@ -21,6 +21,15 @@ def is_ui(path: str) -> bool:
     return path == UI_PATH or path.startswith(UI_PATH + "/")
 
 
+def key_is_valid(token: bytes, keys: list[bytes]) -> bool:
+    """Whether `token` is one of `keys`: compared in constant time with every key, every time
+    (no early exit to time)."""
+    valid = False
+    for key in keys:
+        valid |= hmac.compare_digest(token, key)
+    return valid
+
+
 def error_body(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 
@@ -108,10 +117,7 @@ class ApiKeys:
             return
         header = dict(scope["headers"]).get(b"authorization", b"")
         token = header[7:].strip() if header[:7].lower() == b"bearer " else b""
-        valid = False
-        for key in self.keys:  # every key, every time: no early exit to time
-            valid |= hmac.compare_digest(token, key)
-        if not valid:
+        if not key_is_valid(token, self.keys):
             message = "an API key is required: Authorization: Bearer KEY"
             if token:
                 message = "that API key is not valid"

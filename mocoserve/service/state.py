@@ -18,6 +18,7 @@ from typing import Any
 
 from mocoserve.core.decode import MAX_IMAGE_PIXELS, default_workers
 from mocoserve.core.errors import UserError
+from mocoserve.core.manifest import model_fingerprint
 from mocoserve.model import PackageEncoder, load
 
 log = logging.getLogger("mocoserve.serve")
@@ -72,6 +73,13 @@ RETRY_MAX_S = 300.0  # then twice as long each time, up to 5 minutes (or at once
 def reason(e: BaseException) -> str:
     """One line for an error: ours say what happened; others (sqlite3's) also what kind."""
     return str(e) if isinstance(e, (UserError, OSError)) else f"{type(e).__name__}: {e}"
+
+
+def model_sha256(encoder: Any) -> str:
+    """sha256 of the package's manifest.json (what an index records as its model), once."""
+    if getattr(encoder, "_manifest_sha256", None) is None:
+        encoder._manifest_sha256 = model_fingerprint(encoder.path)
+    return encoder._manifest_sha256
 
 
 def file_signature(path: Path) -> tuple[int, int, int] | None:
