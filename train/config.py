@@ -61,6 +61,9 @@ class ModelConfig:
     dim: int = 128  # embedding dim of the head
     hidden_dim: int | None = None  # MLP hidden width; None: the backbone's feature dim
     bn_splits: int = 1  # split BatchNorm in one process (simulates multi-GPU BN statistics)
+    # timm:<name> only: keyword arguments of timm.create_model (img_size, patch_size, depth,
+    # embed_dim, num_heads, drop_path_rate, ...)
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -151,11 +154,11 @@ def _plain(obj: Any) -> Any:
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"optim": {"lr": 1}} -> {"optim.lr": 1}."""
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}; a field's own mapping (timm_kwargs) stays whole."""
     out: dict[str, Any] = {}
     for key, value in d.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and not prefix:
             out.update(flatten(value, name + "."))
         else:
             out[name] = value
@@ -204,6 +207,8 @@ def _describe(tp: Any) -> str:
         return "one of " + ", ".join(map(str, args))
     if origin in (Union, types.UnionType):
         return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is dict:
+        return "a mapping (e.g. {img_size: 32, depth: 2})"
     if origin in (list, tuple):
         inner = _NAMES.get(args[0], ("", "values"))[1] if args else "values"
         n = f"{len(args)} " if origin is tuple and args and args[-1] is not Ellipsis else ""
@@ -238,6 +243,11 @@ def convert(value: Any, tp: Any, where: str) -> Any:
         value = float(value) if ok else value
     elif tp is str:
         ok = isinstance(value, str)
+    elif origin is dict and isinstance(value, dict):
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise UserError(f"{where} must be a mapping with text keys, got key {bad[0]!r}")
+        return {k: _plain_value(v, f"{where}.{k}") for k, v in value.items()}
     elif origin in (list, tuple) and isinstance(value, (list, tuple)):
         fixed = origin is tuple and args and args[-1] is not Ellipsis
         if fixed and len(value) != len(args):
@@ -248,6 +258,15 @@ def convert(value: Any, tp: Any, where: str) -> Any:
     if not ok:
         raise UserError(f"{where} must be {_describe(tp)}, got {value!r}")
     return value
+
+
+def _plain_value(value: Any, where: str) -> Any:
+    """A value of a free mapping (timm_kwargs): YAML scalars and lists of them only."""
+    if isinstance(value, (list, tuple)):
+        return [_plain_value(v, where) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise UserError(f"{where} must be a number, text, true/false or a list, got {value!r}")
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -302,6 +321,7 @@ IDENTITY_FIELDS = (
     "model.head",
     "model.dim",
     "model.hidden_dim",
+    "model.timm_kwargs",
     "method.queue_size",
 )
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -65,19 +64,105 @@ def resnet_names() -> list[str]:
     )
 
 
+TIMM_PREFIX = "timm:"
+
+
+def is_timm(arch: str) -> bool:
+    """Whether --arch names a timm model (`timm:<name>`) rather than a torchvision ResNet."""
+    return arch.startswith(TIMM_PREFIX)
+
+
+def check_arch(arch: str) -> None:
+    """A UserError naming the choices if `arch` is neither a torchvision ResNet nor timm's."""
+    if is_timm(arch):
+        name = arch[len(TIMM_PREFIX) :]
+        try:
+            import timm
+        except ImportError:
+            raise UserError(f"--arch {arch} needs timm: pip install 'mocoserve[train]'") from None
+        if not name or not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:5] if name else []
+            hint = f" (timm has e.g. {', '.join(close)})" if close else ""
+            raise UserError(f"unknown timm model {name!r} in --arch {arch}{hint}")
+        return
+    if arch not in resnet_names():
+        raise UserError(
+            f"unknown --arch {arch!r}; choose a torchvision ResNet ({', '.join(resnet_names())})"
+            " or timm:<name> (e.g. timm:vit_small_patch16_224, timm:convnext_tiny)"
+        )
+
+
+def has_batchnorm(module: nn.Module) -> bool:
+    """Whether any BatchNorm layer is inside (what shuffled and split BN act on)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
+    """Every BatchNorm2d inside replaced by a SplitBatchNorm with the same state (any net)."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            split = SplitBatchNorm(
+                child.num_features,
+                num_splits,
+                eps=child.eps,
+                momentum=child.momentum,
+                affine=child.affine,
+                track_running_stats=child.track_running_stats,
+            )
+            split.load_state_dict(child.state_dict())
+            setattr(module, name, split)
+        else:
+            split_batchnorm(child, num_splits)
+    return module
+
+
+def _timm_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
+    """timm's model with `num_classes=0` (its pooled features), never downloading weights."""
+    import timm
+
+    name = cfg.arch[len(TIMM_PREFIX) :]
+    kwargs = dict(cfg.timm_kwargs)
+    for reserved in ("pretrained", "num_classes", "pretrained_cfg_overlay"):
+        if reserved in kwargs:
+            raise UserError(f"model.timm_kwargs cannot set {reserved!r}; weights come from a file")
+    try:
+        net = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"timm cannot build {name} with timm_kwargs {kwargs}: {first}") from None
+    if cfg.small_stem:
+        raise UserError(
+            "model.small_stem is for torchvision ResNets; size timm models with "
+            "model.timm_kwargs (img_size, patch_size)"
+        )
+    return net, int(net.num_features)
+
+
 def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
-    """A torchvision ResNet with its classifier removed; returns (module, feature dim)."""
-    if cfg.arch not in resnet_names():
-        raise UserError(f"unknown --arch {cfg.arch!r}; choose one of {', '.join(resnet_names())}")
-    norm_layer = (
-        partial(SplitBatchNorm, num_splits=cfg.bn_splits) if cfg.bn_splits > 1 else nn.BatchNorm2d
-    )
-    net = torchvision.models.get_model(cfg.arch, weights=None, norm_layer=norm_layer)
-    if cfg.small_stem:  # CIFAR-style: keep 32 px images from shrinking to 1 px by layer4
-        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, stride=1, padding=1, bias=False)
-        net.maxpool = nn.Identity()
-    feature_dim = net.fc.in_features
-    net.fc = nn.Identity()
+    """The backbone without its classifier and its feature dim: a torchvision ResNet, or timm's.
+
+    Weights are always random here (no download at run time); they come from a checkpoint or
+    a weights file. `bn_splits > 1` turns every BatchNorm2d into a SplitBatchNorm.
+    """
+    check_arch(cfg.arch)
+    if is_timm(cfg.arch):
+        net, feature_dim = _timm_backbone(cfg)
+    else:
+        if cfg.timm_kwargs:
+            raise UserError(f"model.timm_kwargs is for timm:<name> models, not {cfg.arch}")
+        net = torchvision.models.get_model(cfg.arch, weights=None)
+        if cfg.small_stem:  # CIFAR-style: keep 32 px images from shrinking to 1 px by layer4
+            net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        feature_dim = net.fc.in_features
+        net.fc = nn.Identity()
+    if cfg.bn_splits > 1:
+        if not has_batchnorm(net):
+            raise UserError(
+                f"model.bn_splits={cfg.bn_splits} splits BatchNorm, but {cfg.arch} has none; "
+                "leave --bn-splits at 1"
+            )
+        split_batchnorm(net, cfg.bn_splits)
     return net, feature_dim
 
 
