@@ -1,0 +1,378 @@
+"""Tar shards (WebDataset's layout, img2dataset's output): naming them, listing their samples,
+reading one member's bytes at its offset.
+
+A shard is a plain tar whose members are grouped into samples by key: `a/b/000123.jpg`,
+`a/b/000123.json` and `a/b/000123.cls` are the `jpg`, `json` and `cls` parts of sample
+`a/b/000123` (WebDataset's rule: the key is the name up to the first dot of its last part).
+A sample's image is its first part with an image extension.
+
+`mocoserve shards` also writes, beside each shard, an index (`shard-000000.tar.idx.json`:
+the shard's size and every sample's key, image member, data offset, size and label) and a
+list of the set (`shards.json`, in wids's shard-list format, with each shard's sample count),
+so training knows the length without reading the tars and a served item is read by offset.
+A shard without an index (img2dataset's) is listed by reading its member headers (tarfile
+seeks over the data); an index whose shard has changed size is refused by name.
+
+Sources are local files, brace patterns (`shard-{000000..000127}.tar`, expanded by
+braceexpand as WebDataset does), lists of them, a folder of shards, a `shards.json`, or
+`pipe:` commands (read as a stream through WebDataset's gopen: no offsets, no index).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mocoserve.core.errors import UserError
+from mocoserve.core.files import path_text
+from mocoserve.core.images import IMAGE_EXTENSIONS
+
+INDEX_SUFFIX = ".idx.json"  # beside the shard: shard-000000.tar.idx.json
+SHARD_LIST = "shards.json"  # the set: wids's shard-list format
+INDEX_KIND = "mocoserve-shard-index"
+INDEX_VERSION = 1
+WIDS_KIND = "wids-shard-index-v1"
+PIPE = "pipe:"
+# a json member larger than this is not a label record (img2dataset's are ~1 KiB)
+MAX_JSON_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class TarSample:
+    """One sample of a shard: where its image's bytes lie, and its label if it has one."""
+
+    shard: str  # the shard's path (absolute) or pipe: url, as given
+    key: str  # WebDataset's sample key (member name up to the first dot of its last part)
+    member: str  # the image member's name
+    offset: int  # byte offset of the member's data in the tar (-1 for a pipe: stream)
+    size: int  # bytes of the member's data
+    label: str | None = None  # a class name: the `cls` part, or a json field
+
+
+@dataclass
+class ShardListing:
+    """A shard's samples, in tar order, with what went wrong while listing it."""
+
+    shard: str
+    size: int  # bytes of the tar file (-1 for a pipe: stream)
+    mtime: int  # ns (0 for a pipe: stream)
+    samples: list[TarSample] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (key or shard, reason)
+    from_index: bool = False
+
+
+def is_shard_spec(spec: str | os.PathLike) -> bool:
+    """Whether an input names tar shards rather than an image folder."""
+    text = str(spec)
+    if text.startswith(PIPE):
+        return True
+    if text.endswith((".tar", SHARD_LIST)) or ("{" in text and ".tar" in text):
+        return True
+    p = Path(text)
+    return p.is_dir() and (p / SHARD_LIST).is_file()
+
+
+def expand(specs: Sequence[str | os.PathLike]) -> list[str]:
+    """Every shard the inputs name, each once, in order: brace patterns expanded, a folder of
+    shards or a shards.json read as its list, local paths made absolute, pipe: kept as given.
+
+    A local shard that does not exist is a UserError naming it.
+    """
+    import braceexpand  # WebDataset's own dependency: the same pattern rules as its urls
+
+    out: dict[str, None] = {}
+    for spec in specs:
+        text = str(spec)
+        if text.startswith(PIPE):
+            for url in braceexpand.braceexpand(text):
+                out[url] = None
+            continue
+        for item in braceexpand.braceexpand(text):
+            for shard in _local_shards(Path(item)):
+                out[shard] = None
+    if not out:
+        raise UserError(f"no tar shards in {', '.join(map(str, specs))}")
+    return list(out)
+
+
+def _local_shards(path: Path) -> list[str]:
+    if path.is_dir():
+        listed = path / SHARD_LIST
+        if listed.is_file():
+            return read_shard_list(listed)
+        found = sorted(p for p in path.iterdir() if p.name.endswith(".tar") and p.is_file())
+        if not found:
+            raise UserError(f"{path_text(path)} holds no .tar shards")
+        return [str(p.resolve()) for p in found]
+    if path.name == SHARD_LIST:
+        return read_shard_list(path)
+    if not path.is_file():
+        raise UserError(f"{path_text(path)} does not exist")
+    return [str(path.resolve())]
+
+
+def read_shard_list(path: str | os.PathLike) -> list[str]:
+    """The shards a shards.json lists (wids's format; urls relative to its folder)."""
+    p = Path(path)
+    data = _read_json(p, "shard list")
+    entries = data.get("shardlist") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("url"), str) for e in entries
+    ):
+        raise UserError(f"{path_text(p)} is not a shard list (no shardlist of urls)")
+    shards = []
+    for e in entries:
+        url = e["url"]
+        shard = url if url.startswith(PIPE) else str((p.parent / url).resolve())
+        if not url.startswith(PIPE) and not Path(shard).is_file():
+            raise UserError(f"{path_text(p)} lists {url}, which does not exist")
+        shards.append(shard)
+    return shards
+
+
+def write_shard_list(
+    path: str | os.PathLike, counts: Sequence[tuple[str, int]], **extra: Any
+) -> None:
+    """shards.json: wids's shard list ({url, nsamples}), urls relative to its folder."""
+    p = Path(path)
+    data = {
+        "__kind__": WIDS_KIND,
+        "wids_version": 1,
+        "name": p.parent.name,
+        "shardlist": [{"url": os.path.relpath(url, p.parent), "nsamples": n} for url, n in counts],
+        "mocoserve": {"kind": INDEX_KIND, "version": INDEX_VERSION, **extra},
+    }
+    _write_json(p, data)
+
+
+def sample_key(member: str) -> tuple[str, str]:
+    """(key, part) of a member name, by WebDataset's rule: `a/b/0001.seg.png` -> (`a/b/0001`,
+    `seg.png`)."""
+    folder, _, base = member.rpartition("/")
+    stem, dot, part = base.partition(".")
+    key = f"{folder}/{stem}" if folder else stem
+    return key, part if dot else ""
+
+
+def _is_image_part(part: str) -> bool:
+    return f".{part.rsplit('.', 1)[-1].lower()}" in IMAGE_EXTENSIONS
+
+
+def index_path(shard: str | os.PathLike) -> Path:
+    return Path(f"{shard}{INDEX_SUFFIX}")
+
+
+def list_shard(shard: str, label_key: str | None = None) -> ShardListing:
+    """A local shard's samples: from its index when there is one (and it matches the tar's
+    size), else by reading the member headers. A truncated tar keeps the samples before
+    the damage and records the failure; a sample without an image part is a failure.
+
+    `label_key`: the json field holding the label (img2dataset's metadata); else the `cls`
+    part, else the index's label.
+    """
+    if shard.startswith(PIPE):
+        raise UserError(f"{shard}: a pipe: stream has no offsets; it can only be streamed")
+    st = _stat(shard)
+    listing = ShardListing(shard, st.st_size, st.st_mtime_ns)
+    idx = index_path(shard)
+    if idx.is_file() and label_key is None:
+        listing.samples = _samples_from_index(shard, idx, st.st_size)
+        listing.from_index = True
+        return listing
+    try:
+        with tarfile.open(shard, mode="r:") as tar:
+            _scan_members(tar, listing, label_key)
+    except tarfile.ReadError as e:
+        if not listing.samples and not listing.failures:
+            listing.failures.append((shard, f"not a readable tar ({_first_line(e)})"))
+    return listing
+
+
+def _stat(shard: str) -> os.stat_result:
+    try:
+        return os.stat(shard)
+    except FileNotFoundError:
+        raise UserError(f"{path_text(shard)} does not exist") from None
+
+
+def _scan_members(tar: tarfile.TarFile, listing: ShardListing, label_key: str | None) -> None:
+    """Group a tar's members into samples, in order; the data of small label parts is read."""
+    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    try:
+        for info in tar:  # the headers only: tarfile seeks over each member's data
+            if not info.isfile():
+                continue
+            key, part = sample_key(info.name)
+            if part:
+                groups.setdefault(key, {})[part] = info
+        if not _ends_cleanly(tar):
+            listing.failures.append((listing.shard, "truncated tar (no end-of-archive marker)"))
+    except (tarfile.ReadError, EOFError, OSError) as e:
+        listing.failures.append((listing.shard, f"truncated or damaged tar ({_first_line(e)})"))
+    size = listing.size
+    for key, parts in groups.items():
+        image = next((p for p in parts if _is_image_part(p)), None)
+        if image is None:
+            listing.failures.append((key, f"no image part (has {', '.join(sorted(parts))})"))
+            continue
+        info = parts[image]
+        if info.offset_data + info.size > size:
+            listing.failures.append((key, f"{info.name} is cut short by the end of the tar"))
+            continue
+        label = _label(tar, parts, label_key, key, listing)
+        listing.samples.append(
+            TarSample(listing.shard, key, info.name, info.offset_data, info.size, label)
+        )
+
+
+def _ends_cleanly(tar: tarfile.TarFile) -> bool:
+    """Whether two zero blocks follow the last member (tarfile stops quietly at a cut)."""
+    f = tar.fileobj
+    assert f is not None
+    f.seek(tar.offset)
+    return f.read(2 * tarfile.BLOCKSIZE) == bytes(2 * tarfile.BLOCKSIZE)
+
+
+def _label(
+    tar: tarfile.TarFile,
+    parts: dict[str, tarfile.TarInfo],
+    label_key: str | None,
+    key: str,
+    listing: ShardListing,
+) -> str | None:
+    """The sample's label: json[label_key] when asked for, else the cls part, else json's label."""
+    try:
+        if label_key is None and "cls" in parts:
+            return _member_bytes(tar, parts["cls"]).decode("utf-8").strip() or None
+        if "json" in parts and parts["json"].size <= MAX_JSON_BYTES:
+            meta = json.loads(_member_bytes(tar, parts["json"]))
+            if isinstance(meta, dict):
+                value = meta.get(label_key or "label")
+                return None if value is None else str(value)
+    except (UnicodeDecodeError, json.JSONDecodeError, OSError, tarfile.TarError) as e:
+        listing.failures.append((key, f"unreadable label part ({_first_line(e)})"))
+    return None
+
+
+def _member_bytes(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    f = tar.extractfile(info)
+    if f is None:
+        raise OSError(f"{info.name} is not a file")
+    return f.read()
+
+
+def read_member(shard: str, offset: int, size: int) -> bytes:
+    """The `size` bytes at `offset` of a local shard; a short read is an OSError (a shard
+    cut or replaced since it was listed), never truncated bytes."""
+    with open(shard, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise OSError(f"{shard}: {size} bytes at offset {offset} are past the end of the tar")
+    return data
+
+
+def write_index(shard: str | os.PathLike, samples: Sequence[TarSample]) -> Path:
+    """The shard's index beside it (written whole, then renamed into place)."""
+    shard = str(shard)
+    data = {
+        "kind": INDEX_KIND,
+        "version": INDEX_VERSION,
+        "shard": os.path.basename(shard),
+        "size": os.path.getsize(shard),
+        "samples": [[s.key, s.member, s.offset, s.size, s.label] for s in samples],
+    }
+    path = index_path(shard)
+    _write_json(path, data)
+    return path
+
+
+def _samples_from_index(shard: str, idx: Path, size: int) -> list[TarSample]:
+    data = _read_json(idx, "shard index")
+    if not isinstance(data, dict) or data.get("kind") != INDEX_KIND:
+        raise UserError(f"{path_text(idx)} is not a mocoserve shard index")
+    if data.get("version") != INDEX_VERSION:
+        raise UserError(
+            f"{path_text(idx)} is shard index version {data.get('version')!r}; "
+            f"this mocoserve reads version {INDEX_VERSION}"
+        )
+    if data.get("size") != size:
+        raise UserError(
+            f"{path_text(shard)} is {size} bytes but its index {idx.name} was written for "
+            f"{data.get('size')}; the shard changed: rerun mocoserve shards or delete the index"
+        )
+    rows = data.get("samples")
+    samples = []
+    try:
+        for key, member, offset, length, label in rows:  # type: ignore[union-attr]
+            ok = isinstance(key, str) and isinstance(member, str) and isinstance(offset, int)
+            if not ok or not isinstance(length, int) or offset < 0 or offset + length > size:
+                raise ValueError(key)
+            samples.append(TarSample(shard, key, member, offset, length, label))
+    except (TypeError, ValueError):
+        raise UserError(
+            f"{path_text(idx)} is damaged (a sample row is not key, member, "
+            "offset, size, label within the shard)"
+        ) from None
+    return samples
+
+
+def stream_samples(url: str) -> Iterator[tuple[TarSample, bytes]]:
+    """A shard read front to back (local path or pipe: command) through WebDataset's tar
+    iterator: each sample with its image's bytes. Offsets are -1: a stream has none."""
+    # imported here: webdataset imports torch when it is installed
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import tar_file_iterator
+
+    stream = gopen(url, "rb")
+    try:
+        current: str | None = None
+        parts: dict[str, bytes] = {}
+        for member in tar_file_iterator(stream):
+            key, part = sample_key(member["fname"])
+            if current is not None and key != current:
+                yield from _streamed(url, current, parts)
+                parts = {}
+            current = key
+            if part:
+                parts[part] = member["data"]
+        if current is not None:
+            yield from _streamed(url, current, parts)
+    finally:
+        stream.close()
+
+
+def _streamed(url: str, key: str, parts: dict[str, bytes]) -> Iterator[tuple[TarSample, bytes]]:
+    image = next((p for p in parts if _is_image_part(p)), None)
+    if image is None:
+        return
+    label = parts["cls"].decode("utf-8", "replace").strip() if "cls" in parts else None
+    name = f"{key}.{image}"
+    yield TarSample(url, key, name, -1, len(parts[image]), label), parts[image]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"{path_text(path)} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path_text(path)} is not a {what} (not valid JSON)") from None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from mocoserve.core.files import replace_durably
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, separators=(",", ":")) + "\n")
+    replace_durably(tmp, path)
