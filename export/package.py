@@ -3,6 +3,8 @@
 The exported function takes float32 NCHW RGB in [0, 1] at the package's size and returns
 L2-normalised embeddings; mean/std normalisation and BatchNorm are folded into the graph.
 Both artefacts are checked against the PyTorch module before the package is written.
+`write_package` is the shared half: `export_checkpoint` here and `export.weights` (a
+pretrained state-dict file) each build the reference module and the manifest, then call it.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +43,7 @@ from mocoserve.core.torchscript import quiet_torchscript
 from mocoserve.train import checkpoint
 from mocoserve.train.config import TrainConfig
 from mocoserve.train.methods import get_spec
-from mocoserve.train.models import Encoder
+from mocoserve.train.models import Encoder, has_batchnorm
 
 PARITY_BATCH_SIZES = (1, 2, 7, 64)
 MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 4096
@@ -48,6 +51,7 @@ MIN_OPSET, MAX_OPSET = 18, 23  # the dynamo exporter's range
 MIN_COSINE = 0.9999
 MIN_COSINE_FP16 = 0.999
 FORMATS = ("onnx", "torchscript")
+FORMAT_NAMES = {"onnx": "ONNX", "torchscript": "TorchScript", "onnx_fp16": "fp16 ONNX"}
 
 
 class ExportError(Exception):
@@ -57,10 +61,12 @@ class ExportError(Exception):
 class EmbeddingModel(nn.Module):
     """[0, 1] RGB N x 3 x S x S -> N x D L2-normalised embeddings, preprocessing inside."""
 
-    def __init__(self, encoder: Encoder, output: str, mean: list[float], std: list[float]) -> None:
+    def __init__(
+        self, backbone: nn.Module, head: nn.Module | None, mean: list[float], std: list[float]
+    ) -> None:
         super().__init__()
-        self.backbone = encoder.backbone
-        self.head = encoder.head if output == "head" else nn.Identity()
+        self.backbone = backbone
+        self.head = head if head is not None else nn.Identity()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 
@@ -84,6 +90,7 @@ class HalfPrecision(nn.Module):
 class ExportResult:
     out: Path
     manifest: Manifest
+    notes: list[str] = field(default_factory=list)  # one line each, for the CLI to print
 
 
 def embedding_model(ckpt: dict[str, Any], output: str) -> tuple[EmbeddingModel, TrainConfig]:
@@ -97,15 +104,34 @@ def embedding_model(ckpt: dict[str, Any], output: str) -> tuple[EmbeddingModel, 
     cfg.model.bn_splits = 1  # SplitBatchNorm is BatchNorm2d in eval mode, with the same keys
     encoder = Encoder(cfg.model)
     encoder.load_state_dict(checkpoint.query_encoder_state(ckpt))
-    model = EmbeddingModel(encoder, output, list(cfg.data.mean), list(cfg.data.std))
+    head = encoder.head if output == "head" else None
+    model = EmbeddingModel(encoder.backbone, head, list(cfg.data.mean), list(cfg.data.std))
     return model.eval(), cfg
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Conv+BN pairs folded into the convolutions (torch.fx), for eval-mode inference."""
+    """Conv+BN pairs folded into the convolutions (torch.fx), for eval-mode inference.
+
+    A net without BatchNorm (a ViT, a ConvNeXt) has nothing to fold and is returned as it
+    is; so is one torch.fx cannot trace: the unfused module computes the same function.
+    """
     from torch.fx.experimental.optimization import fuse
 
-    return fuse(model)
+    if not has_batchnorm(model):
+        return model
+    try:
+        return fuse(model)
+    except Exception:  # fx tracing fails on data-dependent Python control flow
+        return model
+
+
+def _why(error: BaseException) -> str:
+    """The first line of an exporter's innermost error, without colour codes, kept short."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first if len(first) <= 160 else first[:157] + "..."
 
 
 def _parity(run: Any, reference: nn.Module, size: int, seed: int = 0) -> dict[str, float]:
@@ -160,16 +186,10 @@ def _export_torchscript(model: nn.Module, path: Path, size: int, spec: str) -> N
     traced.save(str(path), _extra_files={SPEC_KEY: spec})
 
 
-def export_checkpoint(
-    ckpt_path: str | Path,
-    out: str | Path,
-    output: str = "backbone",
-    input_size: int | None = None,
-    opset: int = 18,
-    formats: tuple[str, ...] = FORMATS,
-    fp16: bool = False,
-) -> ExportResult:
-    """Write a verified model package for the checkpoint's query encoder to `out`, atomically."""
+def check_options(
+    output: str, formats: tuple[str, ...], fp16: bool, input_size: int | None, opset: int
+) -> None:
+    """The export options every source shares, each refused with one line."""
     if output not in ("backbone", "head"):
         raise UserError(f"--output must be backbone or head, got {output!r}")
     unknown = sorted(set(formats) - set(FORMATS))
@@ -183,11 +203,38 @@ def export_checkpoint(
         )
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UserError(f"--opset must be from {MIN_OPSET} to {MAX_OPSET}, got {opset}")
-    ckpt_path, out = Path(ckpt_path), Path(out)
+
+
+def check_out(out: Path) -> None:
+    """`out` must be a new folder, a package, or an empty folder."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file; --out takes a package folder")
     if out.exists() and not (out / MANIFEST_FILE).is_file() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not a model package; choose another --out")
+
+
+def embedding_dim(model: nn.Module, size: int) -> int:
+    """The width of the model's output at `size` px, with a clear error where it cannot run."""
+    try:
+        with torch.no_grad():
+            return int(model(torch.rand(1, 3, size, size)).shape[1])
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise UserError(f"the model does not take {size} x {size} images: {_why(e)}") from None
+
+
+def export_checkpoint(
+    ckpt_path: str | Path,
+    out: str | Path,
+    output: str = "backbone",
+    input_size: int | None = None,
+    opset: int = 18,
+    formats: tuple[str, ...] = FORMATS,
+    fp16: bool = False,
+) -> ExportResult:
+    """Write a verified model package for the checkpoint's query encoder to `out`, atomically."""
+    check_options(output, formats, fp16, input_size, opset)
+    ckpt_path, out = Path(ckpt_path), Path(out)
+    check_out(out)
     ckpt = checkpoint.load(ckpt_path)
     reference, cfg = embedding_model(ckpt, output)
     size = input_size or cfg.data.image_size
@@ -197,11 +244,9 @@ def export_checkpoint(
         image_size=size,
         eval_resize=cfg.data.eval_resize if size == cfg.data.image_size else None,
     )
-    with torch.no_grad():
-        dim = int(reference(torch.rand(1, 3, size, size)).shape[1])
     position = ckpt["train_state"]
     manifest = Manifest(
-        embedding_dim=dim,
+        embedding_dim=embedding_dim(reference, size),
         input_size=size,
         preprocess=Preprocess(
             resize=eval_data.resolved_eval_resize(),
@@ -212,6 +257,7 @@ def export_checkpoint(
         output=output,
         files={},
         source={
+            "kind": "checkpoint",
             "method": cfg.method.name,
             "arch": cfg.model.arch,
             "epochs": int(position["epoch"]),
@@ -222,6 +268,49 @@ def export_checkpoint(
         },
         created_by=f"mocoserve {__version__}",
     )
+    return write_package(reference, manifest, out, formats, opset, fp16, cfg.model.arch)
+
+
+def _export_file(
+    kind: str, model: nn.Module, path: Path, size: int, opset: int, spec: str, label: str, hint: str
+) -> None:
+    """One artefact written; an exporter's failure is an ExportError naming the format and why."""
+    try:
+        if kind == "torchscript":
+            _export_torchscript(model, path, size, spec)
+        else:
+            _export_onnx(model, path, size, opset, spec)
+    except Exception as e:
+        raise ExportError(
+            f"{label} cannot be exported to {FORMAT_NAMES[kind]} ({_why(e)}){hint}"
+        ) from e
+
+
+def _format_hint(kind: str, formats: tuple[str, ...]) -> str:
+    """How to write the package without the format that failed, where there is a way."""
+    if kind == "onnx_fp16":
+        return "; leave out --fp16 to write the float32 files"
+    others = [f for f in formats if f != kind]
+    return (
+        f"; --format {others[0]} writes the {FORMAT_NAMES[others[0]]} file alone" if others else ""
+    )
+
+
+def write_package(
+    reference: nn.Module,
+    manifest: Manifest,
+    out: Path,
+    formats: tuple[str, ...],
+    opset: int,
+    fp16: bool,
+    label: str,
+) -> ExportResult:
+    """Export `reference` in each format, gate each on parity, and install the package at `out`.
+
+    `manifest` is filled in with the files and the parity; `label` (the arch) names the model
+    in errors. Nothing is left behind when a format fails or misses its parity bar.
+    """
+    size = manifest.input_size
     spec = json.dumps(manifest.spec(), sort_keys=True)
     folded = fold_batchnorm(reference)
 
@@ -231,45 +320,20 @@ def export_checkpoint(
     try:
         files = manifest.files
         parity: dict[str, Any] = {"batch_sizes": list(PARITY_BATCH_SIZES)}
-        if "onnx" in formats:
-            import onnxruntime as ort
-
-            path = staging / ONNX_FILE
-            _export_onnx(folded, path, size, opset, spec)
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            parity["onnx"] = _parity(lambda x: session.run(None, {"images": x})[0], reference, size)
-            files[path.name] = {
-                "sha256": sha256_file(path),
-                "bytes": path.stat().st_size,
-                "opset": opset,
-            }
+        variants = [(k, ONNX_FILE if k == "onnx" else TORCHSCRIPT_FILE) for k in formats]
+        variants.sort(key=lambda v: FORMATS.index(v[0]))
         if fp16:
-            import onnxruntime as ort
-
-            path = staging / ONNX_FP16_FILE
-            _export_onnx(HalfPrecision(folded).eval(), path, size, opset, spec)
-            session16 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            parity["onnx_fp16"] = _parity(
-                lambda x: session16.run(None, {"images": x})[0], reference, size
-            )
-            files[path.name] = {
-                "sha256": sha256_file(path),
-                "bytes": path.stat().st_size,
-                "opset": opset,
-                "precision": "fp16",
-            }
-        if "torchscript" in formats:
-            path = staging / TORCHSCRIPT_FILE
-            _export_torchscript(folded, path, size, spec)
-            with quiet_torchscript():
-                scripted = torch.jit.load(str(path))
-
-            def run_ts(x: np.ndarray) -> np.ndarray:
-                with torch.no_grad():
-                    return scripted(torch.from_numpy(x)).numpy()
-
-            parity["torchscript"] = _parity(run_ts, reference, size)
-            files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            variants.insert(1, ("onnx_fp16", ONNX_FP16_FILE))
+        for kind, name in variants:
+            path = staging / name
+            model = HalfPrecision(folded).eval() if kind == "onnx_fp16" else folded
+            _export_file(kind, model, path, size, opset, spec, label, _format_hint(kind, formats))
+            parity[kind] = _parity(_runner(kind, path), reference, size)
+            files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            if kind != "torchscript":
+                files[name]["opset"] = opset
+            if kind == "onnx_fp16":
+                files[name]["precision"] = "fp16"
         bars = {"onnx": MIN_COSINE, "torchscript": MIN_COSINE, "onnx_fp16": MIN_COSINE_FP16}
         for name, bar in bars.items():
             if name in parity and not parity[name]["min_cosine"] >= bar:
@@ -284,6 +348,23 @@ def export_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ExportResult(out, manifest)
+
+
+def _runner(kind: str, path: Path) -> Any:
+    """numpy in, numpy out through the written file (ONNX Runtime, or TorchScript)."""
+    if kind == "torchscript":
+        with quiet_torchscript():
+            scripted = torch.jit.load(str(path))
+
+        def run_ts(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return scripted(torch.from_numpy(x)).numpy()
+
+        return run_ts
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"images": x})[0]
 
 
 def _install(staging: Path, out: Path) -> None:

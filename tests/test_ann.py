@@ -79,6 +79,8 @@ def test_factory_tells_the_kinds_of_index_apart():
     assert base_ivf(ivf_pq).nlist == 4 and base_ivf(ivf_flat).nlist == 4
     assert [exact_codes(i) for i in (flat, ivf_pq, ivf_flat)] == [True, False, True]
     assert not exact_codes(new_index("HNSW8,SQ8", 16)) and not exact_codes(new_index("PQ4", 16))
+    # HNSW over full vectors scores exactly: nothing to re-rank or tune across k factors
+    assert exact_codes(new_index("HNSW8,Flat", 16)) and exact_codes(new_index("HNSW8", 16))
     assert not any(on_disk(i) for i in (flat, hnsw, ivf_pq))
     assert is_ivf_factory("OPQ4,IVF8_HNSW32,PQ4") and not is_ivf_factory("HNSW32,Flat")
     raw = np.array([[3.0, 4.0], [0.0, 2.0]])

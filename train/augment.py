@@ -1,13 +1,16 @@
-"""Augmentation recipes (torchvision.transforms.v2) of MoCo v1, MoCo v2 (aug+) and SupCon.
+"""Augmentation recipes (torchvision.transforms.v2) of MoCo v1, v2 (aug+), v3 and SupCon.
 
 Each recipe is one frozen `Recipe`; the CPU transform (`train_transform`) and the split
 `--gpu-augment` path (`GeometricView` draws the parameters, `color_augment_batch` applies
-them on the device) both read it, so the two paths cannot drift apart.
+them on the device) both read it, so the two paths cannot drift apart. A recipe may differ
+per view (MoCo v3's asymmetric blur and solarisation, after BYOL): `Recipe.view(i)`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,7 +29,8 @@ class Recipe:
 
     `jitter` holds ColorJitter's brightness, contrast, saturation and hue strengths (each
     factor is drawn from [1 - s, 1 + s], hue from [-h, h]). The crop's scale range is
-    (data.min_crop_scale, 1) unless `crop_scale` fixes it.
+    (data.min_crop_scale, 1) unless `crop_scale` fixes it. `per_view` holds, for view i, the
+    fields that differ from the rest (entry i mod its length); empty: every view alike.
     """
 
     name: str
@@ -37,11 +41,33 @@ class Recipe:
     blur_p: float = 0.0  # Gaussian blur (switched off by data.blur=false for tiny images)
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     crop_scale: tuple[float, float] | None = None
+    solarize_p: float = 0.0  # BYOL's solarisation (PIL's ImageOps.solarize, threshold 128)
+    per_view: tuple[Mapping[str, Any], ...] = field(default=(), hash=False)
+
+    def view(self, i: int) -> Recipe:
+        """The recipe of view i (the same recipe unless it differs per view)."""
+        if not self.per_view:
+            return self
+        return dataclasses.replace(self, per_view=(), **self.per_view[i % len(self.per_view)])
+
+    @property
+    def num_variants(self) -> int:
+        """How many different views the recipe draws (view i is variant i mod this)."""
+        return max(1, len(self.per_view))
 
     @property
     def has_colour(self) -> bool:
         """Whether anything runs after the crop and flip (what --gpu-augment moves to the GPU)."""
-        return self.jitter is not None or self.grayscale_p > 0 or self.blur_p > 0
+        views = [self.view(i) for i in range(self.num_variants)]
+        return any(
+            v.jitter is not None or v.grayscale_p > 0 or v.blur_p > 0 or v.solarize_p > 0
+            for v in views
+        )
+
+    @property
+    def gpu_ready(self) -> bool:
+        """Whether --gpu-augment runs it: the same draws for every view and no solarisation."""
+        return not self.per_view and self.solarize_p == 0
 
 
 RECIPES: dict[str, Recipe] = {
@@ -59,6 +85,10 @@ RECIPES: dict[str, Recipe] = {
                blur_p=0.5),
         # the linear-probe protocol: RandomResizedCrop (0.08, 1) and flip only
         Recipe("linear", crop_scale=(0.08, 1.0)),
+        # Chen et al. 2021 (MoCo v3), BYOL's asymmetric recipe: jitter(0.4, 0.4, 0.2, 0.1)
+        # p=0.8, grayscale 0.2; view 1 blur p=1.0, view 2 blur p=0.1 and solarise p=0.2; flip
+        Recipe("moco-v3", jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, grayscale_p=0.2,
+               blur_p=1.0, per_view=({"blur_p": 1.0}, {"blur_p": 0.1, "solarize_p": 0.2})),
     )
 }  # fmt: skip
 
@@ -118,15 +148,24 @@ def _crop(cfg: DataConfig, r: Recipe) -> v2.RandomResizedCrop:
     return v2.RandomResizedCrop(cfg.image_size, scale=scale, antialias=True)
 
 
-def train_transform(cfg: DataConfig) -> v2.Transform:
-    """One random view of an RGB PIL image, per the config's recipe."""
-    r = recipe(cfg.augmentation)
+def train_transform(cfg: DataConfig, view: int = 0) -> v2.Transform:
+    """One random view (view number `view`) of an RGB PIL image, per the config's recipe."""
+    r = recipe(cfg.augmentation).view(view)
     jitter = _maybe(v2.ColorJitter(*r.jitter), r.jitter_p) if r.jitter else []
     gray = [v2.RandomGrayscale(p=r.grayscale_p)] if r.grayscale_p > 0 else []
     colour = [*gray, *jitter] if r.grayscale_first else [*jitter, *gray]
     blur = _maybe(PILGaussianBlur(r.blur_sigma), r.blur_p) if cfg.blur else []
+    # on the PIL image, as the reference's ImageOps.solarize: pixels >= 128 inverted
+    solarize = [v2.RandomSolarize(threshold=128, p=r.solarize_p)] if r.solarize_p > 0 else []
     flip: list[v2.Transform] = [v2.RandomHorizontalFlip()] if cfg.hflip else []
-    return v2.Compose([_crop(cfg, r), *colour, *blur, *flip, *_to_normalized_tensor(cfg)])
+    return v2.Compose(
+        [_crop(cfg, r), *colour, *blur, *solarize, *flip, *_to_normalized_tensor(cfg)]
+    )
+
+
+def train_views(cfg: DataConfig) -> list[v2.Transform]:
+    """The recipe's view transforms: one, or one per variant (MoCo v3's two views)."""
+    return [train_transform(cfg, i) for i in range(recipe(cfg.augmentation).num_variants)]
 
 
 def eval_transform(cfg: DataConfig) -> v2.Transform:
@@ -141,14 +180,17 @@ def eval_transform(cfg: DataConfig) -> v2.Transform:
 
 
 class MultiView:
-    """Apply a random transform `n` times to the same image (the two crops of MoCo/SupCon)."""
+    """`n` random views of the same image (the two crops of MoCo/SupCon): view i by
+    transform i mod len(transforms), one after another under the sample's seed."""
 
-    def __init__(self, transform: v2.Transform, n: int) -> None:
-        self.transform = transform
+    def __init__(self, transforms: Any | Sequence[Any], n: int) -> None:
+        self.transforms = (
+            list(transforms) if isinstance(transforms, (list, tuple)) else [transforms]
+        )
         self.n = n
 
-    def __call__(self, image: object) -> list[torch.Tensor]:
-        return [self.transform(image) for _ in range(self.n)]
+    def __call__(self, image: object) -> list[Any]:
+        return [self.transforms[i % len(self.transforms)](image) for i in range(self.n)]
 
 
 # --- Split augmentation: geometry on the CPU workers, colour and blur batched on the device ---

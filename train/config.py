@@ -61,6 +61,10 @@ class ModelConfig:
     dim: int = 128  # embedding dim of the head
     hidden_dim: int | None = None  # MLP hidden width; None: the backbone's feature dim
     bn_splits: int = 1  # split BatchNorm in one process (simulates multi-GPU BN statistics)
+    # moco-v3's heads (the reference's _build_mlp): projection MLP depth (3 for ViT, 2 for
+    # ResNet) and whether the 2-layer predictor ends in a BN without affine (ViT: yes)
+    proj_layers: int = 2
+    pred_last_bn: bool = False
     # timm:<name> only: keyword arguments of timm.create_model (img_size, patch_size, depth,
     # embed_dim, num_heads, drop_path_rate, ...)
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -76,10 +80,16 @@ class MethodConfig:
     base_temperature: float = 0.07  # SupCon only
     contrast_mode: Literal["all", "one"] = "all"  # SupCon anchors
     pretrained: str | None = None  # linear probe only: the pretraining checkpoint
+    # moco-v3: keep ViT's random patch projection frozen (Chen et al. 2021, sec. 4.1);
+    # backbones without a patch_embed have nothing to freeze
+    freeze_patch_embed: bool = True
 
 
 @dataclass
 class OptimConfig:
+    # sgd (momentum), adamw, or lars (timm's; no weight decay or adaptation for biases and
+    # norm parameters, as moco-v3's LARS)
+    optimizer: Literal["sgd", "adamw", "lars"] = "sgd"
     epochs: int = 200
     batch_size: int = 256  # per process; the global batch is this times the world size
     lr: float = 0.03  # at `lr_batch` images per step; scaled linearly with the global batch
@@ -322,6 +332,8 @@ IDENTITY_FIELDS = (
     "model.dim",
     "model.hidden_dim",
     "model.timm_kwargs",
+    "model.proj_layers",
+    "model.pred_last_bn",
     "method.queue_size",
 )
 
@@ -346,6 +358,7 @@ def check_settings(cfg: TrainConfig) -> None:
         (0.0 <= m.momentum < 1.0, f"momentum must be in [0, 1), got {m.momentum}"),
         (m.queue_size >= 0, f"--queue-size must be >= 0, got {m.queue_size}"),
         (mo.dim >= 1, f"--dim must be at least 1, got {mo.dim}"),
+        (mo.proj_layers >= 1, f"model.proj_layers must be at least 1, got {mo.proj_layers}"),
         (mo.bn_splits >= 1, f"--bn-splits must be at least 1, got {mo.bn_splits}"),
         (
             o.batch_size % mo.bn_splits == 0,

@@ -67,5 +67,10 @@ def build_config(
 def validate(cfg: TrainConfig) -> None:
     """Reject inconsistent settings with one clear message each; the method checks its own."""
     check_settings(cfg)
-    recipe(cfg.data.augmentation)
+    r = recipe(cfg.data.augmentation)
+    if cfg.data.gpu_augment and not r.gpu_ready:
+        raise UserError(
+            f"--gpu-augment does not run the {r.name} recipe (per-view blur and "
+            "solarisation); train with --cpu-augment"
+        )
     get_spec(cfg.method.name).cls.check_config(cfg)

@@ -147,3 +147,44 @@ def supcon_queue_loss(
     return _supcon(
         q, labels.view(-1), contrast, contrast_labels, None, temperature, base_temperature
     )
+
+
+def moco_v3_logits(
+    q: torch.Tensor, k: torch.Tensor, temperature: float, gather_distributed: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoCo v3's logits: each query against every rank's keys, and the column of its positive.
+
+    q: N x D (predictor outputs), k: N x D (momentum keys of the other view), L2-normalised;
+    returns N x G logits divided by T (G = the global batch) and the N positive columns.
+    """
+    keys = distributed.all_gather(k) if gather_distributed else k  # G x D, no gradient
+    logits = torch.einsum("nd,md->nm", q, keys) / temperature  # N x G
+    offset = q.shape[0] * distributed.rank() if gather_distributed else 0
+    labels = torch.arange(q.shape[0], device=q.device) + offset  # N: this rank's rows of G
+    return logits, labels
+
+
+def moco_v3_loss(
+    q: torch.Tensor, k: torch.Tensor, temperature: float, gather_distributed: bool = True
+) -> torch.Tensor:
+    """ctr(q, k) of MoCo v3 (Chen et al. 2021, Alg. 1): cross-entropy against the positive, x 2T.
+
+    q, k: N x D, L2-normalised; k carries no gradient. With gather_distributed the negatives
+    are every rank's keys (the reference's concat_all_gather); no queue.
+    """
+    logits, labels = moco_v3_logits(q, k, temperature, gather_distributed)
+    return F.cross_entropy(logits, labels) * (2 * temperature)
+
+
+def moco_v3_symmetric_loss(
+    q1: torch.Tensor,
+    q2: torch.Tensor,
+    k1: torch.Tensor,
+    k2: torch.Tensor,
+    temperature: float,
+    gather_distributed: bool = True,
+) -> torch.Tensor:
+    """MoCo v3's symmetrised loss ctr(q1, k2) + ctr(q2, k1); all N x D, L2-normalised."""
+    return moco_v3_loss(q1, k2, temperature, gather_distributed) + moco_v3_loss(
+        q2, k1, temperature, gather_distributed
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import TYPE_CHECKING
 
 import torch
@@ -81,8 +82,8 @@ def check_arch(arch: str) -> None:
         except ImportError:
             raise UserError(f"--arch {arch} needs timm: pip install 'mocoserve[train]'") from None
         if not name or not timm.is_model(name):
-            close = timm.list_models(f"*{name.split('_')[0]}*")[:5] if name else []
-            hint = f" (timm has e.g. {', '.join(close)})" if close else ""
+            close = difflib.get_close_matches(name, timm.list_models(), n=5) if name else []
+            hint = f" (closest: {', '.join(close)})" if close else ""
             raise UserError(f"unknown timm model {name!r} in --arch {arch}{hint}")
         return
     if arch not in resnet_names():
@@ -97,18 +98,36 @@ def has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
+class SplitBatchNormAct(SplitBatchNorm):
+    """timm's BatchNormAct2d (BN, then dropout and activation) with split BN statistics."""
+
+    def __init__(
+        self, num_features: int, num_splits: int, drop: nn.Module, act: nn.Module, **kwargs: object
+    ) -> None:
+        super().__init__(num_features, num_splits, **kwargs)
+        self.drop, self.act = drop, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
 def split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
-    """Every BatchNorm2d inside replaced by a SplitBatchNorm with the same state (any net)."""
+    """Every BatchNorm2d inside (timm's BatchNormAct2d too) replaced by a split one, same state."""
     for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            split = SplitBatchNorm(
-                child.num_features,
-                num_splits,
-                eps=child.eps,
-                momentum=child.momentum,
-                affine=child.affine,
-                track_running_stats=child.track_running_stats,
-            )
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SplitBatchNorm):
+            kwargs = {
+                "eps": child.eps,
+                "momentum": child.momentum,
+                "affine": child.affine,
+                "track_running_stats": child.track_running_stats,
+            }
+            if type(child) is nn.BatchNorm2d:
+                split: SplitBatchNorm = SplitBatchNorm(child.num_features, num_splits, **kwargs)
+            elif type(child).__name__ == "BatchNormAct2d":  # timm: BN, dropout, act in one
+                drop, act = child.drop, child.act  # type: ignore[union-attr]
+                split = SplitBatchNormAct(child.num_features, num_splits, drop, act, **kwargs)
+            else:
+                continue  # left for the check in build_backbone to name
             split.load_state_dict(child.state_dict())
             setattr(module, name, split)
         else:
@@ -116,8 +135,26 @@ def split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
     return module
 
 
+def check_input_size(backbone: nn.Module, arch: str, image_size: int) -> None:
+    """A UserError if the backbone takes one input size only (a timm ViT) and it is not ours."""
+    patch_embed = getattr(backbone, "patch_embed", None)
+    if not getattr(patch_embed, "strict_img_size", False):
+        return  # convolutional nets (and dynamic_img_size ViTs) take any size
+    size = tuple(patch_embed.img_size)  # type: ignore[union-attr]
+    if size != (image_size, image_size):
+        raise UserError(
+            f"{arch} takes {size[0]}x{size[1]} px images, but --image-size is {image_size}; "
+            f"give --image-size {size[0]} or set model.timm_kwargs img_size: {image_size}"
+        )
+
+
 def _timm_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
-    """timm's model with `num_classes=0` (its pooled features), never downloading weights."""
+    """timm's model with `num_classes=0` (its pooled features), never downloading weights.
+
+    The Trainer's channels_last (CUDA) is safe here: `.to(memory_format=...)` only restrides
+    4-D tensors (a ViT's patch-embedding conv); a ViT flattens to tokens right after it, and
+    flatten/transpose take any strides, so only the convolutional nets gain speed from it.
+    """
     import timm
 
     name = cfg.arch[len(TIMM_PREFIX) :]
@@ -163,6 +200,16 @@ def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
                 "leave --bn-splits at 1"
             )
         split_batchnorm(net, cfg.bn_splits)
+        left = {
+            type(m).__name__
+            for m in net.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, SplitBatchNorm)
+        }
+        if left:
+            raise UserError(
+                f"model.bn_splits cannot split the {', '.join(sorted(left))} layers of "
+                f"{cfg.arch}; leave --bn-splits at 1"
+            )
     return net, feature_dim
 
 

@@ -29,7 +29,7 @@ from mocoserve.train.augment import (
     MultiView,
     color_augment_batch,
     recipe,
-    train_transform,
+    train_views,
 )
 from mocoserve.train.checkpoint import Checkpointer, header, latest, load
 from mocoserve.train.config import (
@@ -45,6 +45,7 @@ from mocoserve.train.data import EpochSampler, FolderIndex, ImageDataset, make_l
 from mocoserve.train.evaluate import Evaluator
 from mocoserve.train.methods import build_method, get_spec
 from mocoserve.train.metrics import MetricsLog
+from mocoserve.train.optim import build_optimizer
 
 
 @dataclass
@@ -208,11 +209,8 @@ class Trainer:
         self.sampler = EpochSampler(len(self.train_index), cfg.optim.batch_size, cfg.run.seed)
         self.steps_per_epoch = self.sampler.batches_per_epoch
         self.lr = cfg.optim.lr * self.global_batch / cfg.optim.lr_batch
-        o = cfg.optim
-        params = [p for p in self.method.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(
-            params, lr=self.lr, momentum=o.momentum, weight_decay=o.weight_decay
-        )
+        self.total_steps = cfg.optim.epochs * self.steps_per_epoch
+        self.optimizer = build_optimizer(cfg.optim, self.method, self.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg, s, self.steps_per_epoch)
         )
@@ -301,11 +299,11 @@ class Trainer:
 
     def _train_loader(self) -> torch.utils.data.DataLoader:
         cfg = self.cfg
-        view = GeometricView(cfg.data) if self.gpu_augment else train_transform(cfg.data)
+        views = [GeometricView(cfg.data)] if self.gpu_augment else train_views(cfg.data)
         dataset = ImageDataset(
             self.train_index.files,
             self.train_index.labels,
-            MultiView(view, self.method.num_views),
+            MultiView(views, self.method.num_views),
             cfg.run.seed,
         )
         return make_loader(
@@ -327,6 +325,8 @@ class Trainer:
             f"{cfg.optim.batch_size}/process, global {self.global_batch} · lr {self.lr:g} · "
             f"{self.steps_per_epoch} steps/epoch"
         )
+        for note in self.method.notes:  # e.g. shuffled BN asked for on a net without BN
+            self.console.print(f"note: {note}")
 
     # device helpers
     def _autocast(self) -> torch.autocast:
@@ -364,6 +364,7 @@ class Trainer:
         images, labels = batch
         views = self._views_to_device(images)
         labels = labels.to(self.device, non_blocking=True)
+        self.method.on_train_step(self.state.step, self.total_steps)
         with self._autocast():
             out = self.model(views, labels)
         self.optimizer.zero_grad(set_to_none=True)

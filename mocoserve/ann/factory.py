@@ -72,7 +72,9 @@ def exact_codes(index: faiss.Index) -> bool:
         return isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFlat)
     base = inner(index)
     return isinstance(base, faiss.IndexFlat) or (
-        isinstance(base, faiss.IndexHNSW) and isinstance(base.storage, faiss.IndexFlat)
+        # HNSW's storage comes back as a plain faiss.Index: downcast it to see its codes
+        isinstance(base, faiss.IndexHNSW)
+        and isinstance(faiss.downcast_index(base.storage), faiss.IndexFlat)
     )
 
 

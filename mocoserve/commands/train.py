@@ -106,7 +106,9 @@ def train(
         str | None,
         typer.Option(
             "--method",
-            help="moco-v1 | moco-v2 | supcon | supcon-queue | linear.",
+            help="moco-v1 | moco-v2 | moco-v3 | supcon | supcon-queue | linear. moco-v3 takes "
+            "the paper's ViT recipe (AdamW) for timm ViTs and nets without BatchNorm, its "
+            "ResNet recipe (LARS) for BN nets.",
             show_default="moco-v2",
         ),
     ] = None,
@@ -115,7 +117,9 @@ def train(
         typer.Option(
             "--arch",
             "-a",
-            help="torchvision ResNet: resnet18, resnet50, ...",
+            help="A torchvision ResNet (resnet18, resnet50, ...) or timm:<name> "
+            "(timm:vit_small_patch16_224, timm:convnext_tiny, timm:resnet50d; random weights), "
+            "sized by --set 'model.timm_kwargs={img_size: 32, patch_size: 4, depth: 2}'.",
             show_default="resnet50; cifar resnet18",
         ),
     ] = None,

@@ -15,6 +15,7 @@ from mocoserve.core.errors import UserError
 from mocoserve.train.methods.base import Method, MomentumQueueMethod
 from mocoserve.train.methods.linear import LinearProbe
 from mocoserve.train.methods.moco import MoCo
+from mocoserve.train.methods.mocov3 import MoCoV3
 from mocoserve.train.methods.supcon import SupCon, SupConQueue
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ __all__ = [
     "Method",
     "MethodSpec",
     "MoCo",
+    "MoCoV3",
     "MomentumQueueMethod",
     "SupCon",
     "SupConQueue",
@@ -36,13 +38,19 @@ __all__ = [
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its class and the config values its paper uses."""
+    """A registered method: its class and the config values its paper uses.
+
+    `by_backbone`: defaults that depend on the backbone, "resnet" (nets with BatchNorm) or
+    "vit" (nets without: ViT, ConvNeXt, Swin); the class's adopt_config applies them to the
+    fields not set explicitly (a preset's values are not explicit).
+    """
 
     name: str
     cls: type[Method]
     paper: str
     defaults: Mapping[str, Any]  # dotted config fields (e.g. "method.temperature": 0.07)
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    by_backbone: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def augmentation(self) -> str:
@@ -56,6 +64,33 @@ _CIFAR_QUEUE = {
     "method.queue_size": 4096,
     "method.momentum": 0.99,
     "method.temperature": 0.1,
+}
+
+# MoCo v3 after its CONFIG.md: ViT-S/B 300 epochs (AdamW, lr 1.5e-4 per 256, wd 0.1, 40
+# warm-up epochs, T=0.2, 3-layer projector, frozen patch projection, crop from 0.08);
+# ResNet-50 100 epochs (LARS, lr 0.6 per 256, wd 1e-6, 10 warm-up epochs, T=1.0, 2-layer
+# projector, crop from 0.2)
+_V3_VIT = {
+    "method.temperature": 0.2,
+    "optim.optimizer": "adamw",
+    "optim.lr": 1.5e-4,
+    "optim.weight_decay": 0.1,
+    "optim.epochs": 300,
+    "optim.warmup_epochs": 40,
+    "model.proj_layers": 3,
+    "model.pred_last_bn": True,
+    "data.min_crop_scale": 0.08,
+}
+_V3_RESNET = {
+    "method.temperature": 1.0,
+    "optim.optimizer": "lars",
+    "optim.lr": 0.6,
+    "optim.weight_decay": 1e-6,
+    "optim.epochs": 100,
+    "optim.warmup_epochs": 10,
+    "model.proj_layers": 2,
+    "model.pred_last_bn": False,
+    "data.min_crop_scale": 0.2,
 }
 
 METHODS: dict[str, MethodSpec] = {
@@ -79,6 +114,22 @@ METHODS: dict[str, MethodSpec] = {
             "Chen et al. 2020: MLP head, T=0.2, aug+ (blur), cosine lr",
             {"model.head": "mlp", "method.temperature": 0.2, "data.augmentation": "moco-v2"},
             {"cifar": _CIFAR_QUEUE},
+        ),
+        MethodSpec(
+            "moco-v3",
+            MoCoV3,
+            "Chen, Xie, He 2021: projector + predictor MLPs (hidden 4096, out 256), momentum "
+            "0.99 -> 1 on a cosine, symmetrised in-batch loss x 2T, no queue; BYOL's recipe",
+            {
+                "model.dim": 256,
+                "model.hidden_dim": 4096,
+                "method.momentum": 0.99,
+                "method.queue_size": 0,
+                "optim.schedule": "cosine",
+                "data.augmentation": "moco-v3",
+                **_V3_RESNET,  # the default arch is resnet50; adopt_config picks by backbone
+            },
+            by_backbone={"vit": _V3_VIT, "resnet": _V3_RESNET},
         ),
         MethodSpec(
             "supcon",

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mocoserve.train import distributed
-from mocoserve.train.models import Encoder
+from mocoserve.train.models import Encoder, check_input_size, has_batchnorm
 
 if TYPE_CHECKING:
     from mocoserve.train.config import TrainConfig
@@ -34,12 +34,26 @@ class Method(nn.Module):
     compile_targets: ClassVar[tuple[str, ...]] = ("query_encoder",)  # run.compile compiles these
     trains_encoder: ClassVar[bool] = True  # pretraining: export and the probe take its encoder
     report_file: ClassVar[str | None] = None  # final metrics written here when a run finishes
+    # runs its key encoder with shuffled BN (method.shuffle_bn); only BN nets have any to shuffle
+    shuffles_bn: ClassVar[bool] = False
 
     query_encoder: Encoder
+    shuffle_bn: bool  # shuffled BN asked for and the encoder has BatchNorm to shuffle
+    notes: list[str]  # one line each, printed by the Trainer with its summary
 
     def __init__(self, cfg: TrainConfig, num_classes: int = 0) -> None:
         super().__init__()
-        self.query_encoder = Encoder(cfg.model)
+        self.query_encoder = self.build_encoder(cfg)
+        check_input_size(self.query_encoder.backbone, cfg.model.arch, cfg.data.image_size)
+        self.notes = []
+        asked = self.shuffles_bn and cfg.method.shuffle_bn
+        # known only once the net is built: timm:<name> may be a ViT (LayerNorm) or a BN net
+        self.shuffle_bn = asked and has_batchnorm(self.query_encoder)
+        if asked and not self.shuffle_bn:
+            self.notes.append(
+                f"shuffled BN is off: {cfg.model.arch} has no BatchNorm (method.shuffle_bn "
+                "does nothing here)"
+            )
 
     @classmethod
     def check_config(cls, cfg: TrainConfig) -> None:
@@ -52,6 +66,14 @@ class Method(nn.Module):
     @classmethod
     def adopt_config(cls, cfg: TrainConfig, explicit: dict[str, Any]) -> None:
         """Complete the config before the run (the probe takes its network from a checkpoint)."""
+
+    @classmethod
+    def build_encoder(cls, cfg: TrainConfig) -> Encoder:
+        """The query encoder's network (what export and the probe load a checkpoint into)."""
+        return Encoder(cfg.model)
+
+    def on_train_step(self, step: int, total_steps: int) -> None:
+        """Called before each training step's forward (e.g. a momentum schedule)."""
 
     def on_fit_start(self) -> None:
         """Called once the method is built, before it moves to the device or resumes."""
@@ -72,6 +94,7 @@ class MomentumQueueMethod(Method):
     """A query encoder, its momentum (key) encoder with shuffled BN, and a queue of keys."""
 
     has_queue = True
+    shuffles_bn = True
     compile_targets = ("query_encoder", "key_encoder")
 
     key_encoder: Encoder
@@ -86,7 +109,6 @@ class MomentumQueueMethod(Method):
             p.requires_grad_(False)
         self.temperature = cfg.method.temperature
         self.base_temperature = cfg.method.base_temperature
-        self.shuffle_bn = cfg.method.shuffle_bn
         self.momentum = cfg.method.momentum
         self.bn_splits = cfg.model.bn_splits
         queue_size, dim = cfg.method.queue_size, cfg.model.dim

@@ -16,7 +16,14 @@ if TYPE_CHECKING:
     from mocoserve.train.evaluate import Evaluator
 
 # what the probe takes from the pretraining checkpoint's config unless given explicitly
-NETWORK_FIELDS = ("model.arch", "model.small_stem", "model.head", "model.dim", "model.hidden_dim")
+NETWORK_FIELDS = (
+    "model.arch",
+    "model.small_stem",
+    "model.head",
+    "model.dim",
+    "model.hidden_dim",
+    "model.timm_kwargs",  # a timm backbone is rebuilt with the sizes it was trained at
+)
 IMAGE_FIELDS = ("data.image_size", "data.eval_resize", "data.mean", "data.std")
 
 
