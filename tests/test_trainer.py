@@ -54,7 +54,7 @@ def tiny_overrides(root: Path, out: Path, **more) -> dict:
 
 
 def test_registry_declares_each_method():
-    assert set(METHODS) == {"moco-v1", "moco-v2", "supcon", "supcon-queue", "linear"}
+    assert set(METHODS) == {"moco-v1", "moco-v2", "moco-v3", "supcon", "supcon-queue", "linear"}
     assert METHODS["moco-v1"].cls is MoCo and METHODS["supcon-queue"].cls is SupConQueue
     assert [n for n, s in METHODS.items() if s.cls.needs_labels] == [
         "supcon",

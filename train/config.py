@@ -30,6 +30,7 @@ DEFAULT_METHOD = "moco-v2"
 class DataConfig:
     root: str = ""
     val: str | None = None  # labelled folder for the k-NN monitor / linear-probe evaluation
+    label_key: str | None = None  # tar shards: the json field holding the label (img2dataset)
     image_size: int = 224
     eval_resize: int | None = None  # shorter side before the centre crop; None: size * 256/224
     augmentation: str = "moco-v2"  # a recipe of augment.RECIPES; the method's by default

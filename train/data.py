@@ -1,20 +1,34 @@
-"""Image folders for training: scanning, decoding, per-sample seeded augmentation, sharding."""
+"""Training data: image folders and tar shards (scanned to one index), decoding,
+per-sample seeded augmentation, sharding over ranks.
+
+A folder and the same images as tar shards (`mocoserve shards`) index to the same items in
+the same order with the same label ids, so everything past the index (the sampler's
+shuffle, the per-sample seeds, mid-epoch resume, the DDP split) is one code path and the two
+forms train to the same weights.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import io
+import os
 import random
 import signal
 import sys
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mocoserve.core import tars
 from mocoserve.core.errors import UserError
+from mocoserve.core.files import path_text
 from mocoserve.core.images import IMAGE_EXTENSIONS, iter_image_files, load_rgb
 from mocoserve.train import distributed
 
@@ -66,6 +80,209 @@ def scan_folder(root: str | Path, classes: Sequence[str] | None = None) -> Folde
     return FolderIndex(path, files, [number[parts[0]] for parts in top], names)
 
 
+@dataclass(frozen=True)
+class TarMember:
+    """An image stored in a tar shard: `size` bytes at byte `offset` of `shard`."""
+
+    shard: str
+    offset: int
+    size: int
+
+    def __str__(self) -> str:
+        return f"{path_text(self.shard)} (the member at byte {self.offset})"
+
+
+class ShardMembers(Sequence[TarMember]):
+    """The images of a set of shards as three arrays (shard number, offset, size): a few
+    bytes per image, and no Python object per image for the loader's workers to copy."""
+
+    def __init__(
+        self, shards: list[str], shard_of: np.ndarray, offsets: np.ndarray, sizes: np.ndarray
+    ) -> None:
+        self.shards = shards
+        self.shard_of = shard_of
+        self.offsets = offsets
+        self.sizes = sizes
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int) -> TarMember:  # type: ignore[override]
+        return TarMember(self.shards[self.shard_of[i]], int(self.offsets[i]), int(self.sizes[i]))
+
+
+@dataclass
+class ShardIndex:
+    """The images of tar shards, with FolderIndex's interface: `files` are TarMembers.
+
+    Items are the shards' samples in order: shards in the order the source names them
+    (brace patterns expanded, a folder's shards.json), samples in tar order, which is the
+    folder's scan order for shards `mocoserve shards` wrote. Labels are class names (as
+    core.tars.list_shard finds them: the index, the json's label or --label-key field, else
+    the cls part as text), numbered by sorted name as a folder's class subfolders are.
+    """
+
+    root: str
+    files: ShardMembers
+    labels: np.ndarray  # int64, -1 where unlabelled
+    classes: list[str]
+    unlabelled: int = 0  # samples without a label (then the whole set is unlabelled)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+LIST_THREADS = 8  # shards listed at once (index files, or member headers: I/O bound)
+
+
+def scan_shards(
+    spec: str, classes: Sequence[str] | None = None, label_key: str | None = None
+) -> ShardIndex:
+    """Index the samples of the tar shards `spec` names, from their index files (no tar is
+    read) or, for shards without one (img2dataset's), from their member headers.
+
+    `label_key`: the json field holding each sample's label (img2dataset's metadata). A
+    listing problem (a truncated tar, a sample without an image) is one warning per shard and
+    the rest is used; a missing shard, or one whose index no longer matches it, is an error.
+    """
+    shards = tars.expand([spec])
+    streamed = [s for s in shards if s.startswith(tars.PIPE)]
+    if streamed:
+        raise UserError(
+            f"train reads shards by offset and cannot train from a pipe: stream ({streamed[0]});"
+            " copy the shards to a local or network file system and give their paths"
+        )
+    shard_of, offsets, sizes = [], [], []
+    names: list[str | None] = []
+    first_missing: tars.TarSample | None = None  # named by a --label-key error
+    with ThreadPoolExecutor(min(LIST_THREADS, len(shards))) as pool:
+        # in order; each listing becomes three arrays and is let go (no object per image)
+        for n, listing in enumerate(pool.map(lambda s: tars.list_shard(s, label_key), shards)):
+            _warn_listing(listing)
+            rows = listing.samples
+            shard_of.append(np.full(len(rows), n, np.int32))
+            offsets.append(np.fromiter((r.offset for r in rows), np.int64, len(rows)))
+            sizes.append(np.fromiter((r.size for r in rows), np.int64, len(rows)))
+            names.extend(r.label for r in rows)
+            if first_missing is None:
+                first_missing = next((r for r in rows if r.label is None), None)
+    if not names:
+        raise UserError(f"no images in the shards of {spec}")
+    members = ShardMembers(
+        shards, np.concatenate(shard_of), np.concatenate(offsets), np.concatenate(sizes)
+    )
+    return _labelled(spec, members, names, first_missing, classes, label_key)
+
+
+def _warn_listing(listing: tars.ShardListing) -> None:
+    if listing.failures:
+        where, reason = listing.failures[0]
+        more = f" (and {len(listing.failures) - 1} more)" if len(listing.failures) > 1 else ""
+        print(
+            f"warning: {path_text(listing.shard)}: skipping {where}: {reason}{more}",
+            file=sys.stderr,
+        )
+
+
+def _labelled(
+    spec: str,
+    members: ShardMembers,
+    names: list[str | None],
+    first_missing: tars.TarSample | None,
+    classes: Sequence[str] | None,
+    label_key: str | None,
+) -> ShardIndex:
+    if first_missing is not None:  # as a folder with images outside class folders: unlabelled
+        missing = sum(name is None for name in names)
+        if label_key is not None:
+            raise UserError(
+                f"--label-key {label_key}: {missing} of {len(names)} samples of {spec} have no "
+                f"json field {label_key!r} (the first: {first_missing.key} in "
+                f"{path_text(first_missing.shard)})"
+            )
+        return ShardIndex(spec, members, np.full(len(names), -1, np.int64), [], missing)
+    found = sorted(set(names))  # type: ignore[type-var]
+    if classes is not None:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise UserError(
+                f"{spec} has classes the training data lacks: {', '.join(unknown[:5])}"
+                + (" ..." if len(unknown) > 5 else "")
+            )
+        found = list(classes)
+    number = {name: i for i, name in enumerate(found)}
+    labels = np.fromiter((number[n] for n in names), np.int64, len(names))  # type: ignore[index]
+    return ShardIndex(spec, members, labels, found)
+
+
+DataIndex = FolderIndex | ShardIndex
+
+
+def scan_data(
+    source: str | Path, classes: Sequence[str] | None = None, label_key: str | None = None
+) -> DataIndex:
+    """A training source's index: tar shards (see core.tars.is_shard_spec, or a folder that
+    holds .tar files and no images, as img2dataset's output) or an image folder."""
+    if is_shards(source):
+        return scan_shards(str(source), classes, label_key)
+    if label_key is not None:
+        raise UserError(f"--label-key reads labels from shards' json; {source} is a folder")
+    return scan_folder(source, classes)
+
+
+def is_shards(source: str | Path) -> bool:
+    """Whether a training source is tar shards rather than an image folder."""
+    return tars.is_shard_spec(source) or _tars_only(Path(source))
+
+
+def _tars_only(path: Path) -> bool:
+    try:
+        has_tars = path.is_dir() and any(p.name.endswith(".tar") for p in path.iterdir())
+    except OSError:
+        return False
+    return has_tars and next(iter_image_files(path), None) is None
+
+
+class ShardReader:
+    """Reads members' bytes with one cached descriptor per shard and os.pread (no seek: a
+    descriptor inherited by a forked loader worker is never moved under another process)."""
+
+    # hand-written, not wids.ShardListDataset: wids opens and scans each tar for its own
+    # index; the shard index files already hold every offset, so an image is one pread
+
+    MAX_OPEN = 64  # descriptors kept per process (a run may name 100k shards)
+
+    def __init__(self) -> None:
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._pid = os.getpid()
+
+    def read(self, member: TarMember) -> bytes:
+        if self._pid != os.getpid():  # a forked worker: its parent's cache is not its own
+            self._fds, self._pid = OrderedDict(), os.getpid()
+        fd = self._fds.get(member.shard)
+        if fd is None:
+            fd = os.open(member.shard, os.O_RDONLY)
+            self._fds[member.shard] = fd
+            if len(self._fds) > self.MAX_OPEN:
+                os.close(self._fds.popitem(last=False)[1])
+        else:
+            self._fds.move_to_end(member.shard)
+        data = os.pread(fd, member.size, member.offset)
+        if len(data) != member.size:
+            raise OSError("the shard is shorter than its index says (changed since it was listed)")
+        return data
+
+    def __getstate__(self) -> dict:  # spawned workers open their own descriptors
+        return {}
+
+    def __setstate__(self, _state: dict) -> None:
+        self.__init__()
+
+
 MAX_DECODE_ATTEMPTS = 32  # files tried in a row for one item before the folder is refused
 
 
@@ -84,13 +301,24 @@ class ImageDataset(Dataset):
     """
 
     def __init__(
-        self, files: Sequence[Path], labels: Sequence[int], transform: Callable, seed: int = 0
+        self,
+        files: Sequence[Path] | ShardMembers,
+        labels: Sequence[int] | np.ndarray,
+        transform: Callable,
+        seed: int = 0,
     ) -> None:
-        self.files = list(files)
-        self.labels = list(labels)
+        self.files = files if isinstance(files, ShardMembers) else list(files)
+        self.labels = labels if isinstance(labels, np.ndarray) else list(labels)
         self.transform = transform
         self.seed = seed
         self._bad: set[int] = set()  # files this worker found unreadable: skipped, not retried
+        self._reader = ShardReader()
+
+    def _load(self, i: int) -> Image.Image:
+        item = self.files[i]
+        if isinstance(item, TarMember):
+            return load_rgb(io.BytesIO(self._reader.read(item)))
+        return load_rgb(item)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -104,7 +332,7 @@ class ImageDataset(Dataset):
             if i in self._bad:
                 continue
             try:
-                image = load_rgb(self.files[i])
+                image = self._load(i)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 self._bad.add(i)
                 skipped.append(f"{self.files[i]}: {e}")
@@ -115,7 +343,7 @@ class ImageDataset(Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 random.seed(seed)
-                return self.transform(image), self.labels[i]
+                return self.transform(image), int(self.labels[i])
         raise UserError(
             f"no image could be decoded in {min(n, MAX_DECODE_ATTEMPTS)} tries in a row"
             + (f" (the last: {skipped[-1]})" if skipped else "")

@@ -41,7 +41,15 @@ from mocoserve.train.config import (
     save_yaml,
 )
 from mocoserve.train.configure import build_config, validate
-from mocoserve.train.data import EpochSampler, FolderIndex, ImageDataset, make_loader, scan_folder
+from mocoserve.train.data import (
+    DataIndex,
+    EpochSampler,
+    ImageDataset,
+    ShardIndex,
+    is_shards,
+    make_loader,
+    scan_data,
+)
 from mocoserve.train.evaluate import Evaluator
 from mocoserve.train.methods import build_method, get_spec
 from mocoserve.train.metrics import MetricsLog
@@ -265,15 +273,24 @@ class Trainer:
     def channels_last(self) -> bool:
         return self.device.type == "cuda" and self.cfg.run.channels_last
 
-    def _scan(self) -> tuple[FolderIndex, FolderIndex | None]:
+    def _scan(self) -> tuple[DataIndex, DataIndex | None]:
         d = self.cfg.data
-        train_index = scan_folder(d.root)
+        train_index = scan_data(d.root, label_key=d.label_key)
         val_index = None
         if d.val:
-            val_index = scan_folder(d.val, train_index.classes if train_index.labelled else None)
+            classes = train_index.classes if train_index.labelled else None
+            val_index = scan_data(d.val, classes, d.label_key if is_shards(d.val) else None)
             if not val_index.labelled:
-                raise UserError(f"--val {d.val} must be a labelled folder (class/image)")
+                raise UserError(
+                    f"--val {d.val} must be a labelled folder (class/image) or labelled shards"
+                )
         if self.spec.cls.needs_labels and not train_index.labelled:
+            if isinstance(train_index, ShardIndex):
+                raise UserError(
+                    f"{self.spec.name} needs labels, but {train_index.unlabelled} of "
+                    f"{len(train_index)} samples of {train_index.root} have none (a json "
+                    "label, a cls part, or the json field --label-key names)"
+                )
             raise UserError(
                 f"{self.spec.name} needs labels, but {train_index.root} is not laid out as "
                 "class/image (every image inside a class subfolder)"
@@ -322,8 +339,8 @@ class Trainer:
             f"{self.spec.name} · {cfg.model.arch} · {len(idx)} images"
             + (f" in {len(idx.classes)} classes" if idx.labelled else "")
             + f" · {distributed.world_size()} process(es) on {self.device.type} · batch "
-            f"{cfg.optim.batch_size}/process, global {self.global_batch} · lr {self.lr:g} · "
-            f"{self.steps_per_epoch} steps/epoch"
+            f"{cfg.optim.batch_size}/process, global {self.global_batch} · "
+            f"{cfg.optim.optimizer} lr {self.lr:g} · {self.steps_per_epoch} steps/epoch"
         )
         for note in self.method.notes:  # e.g. shuffled BN asked for on a net without BN
             self.console.print(f"note: {note}")

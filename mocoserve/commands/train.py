@@ -26,14 +26,29 @@ app = typer.Typer()
 # mocoserve/train/methods); None means "the config decides", so --config and --preset apply.
 # They are written out because importing the train package here would load torch for --help.
 DataArg = Annotated[
-    Path, typer.Argument(help="Image folder: flat (unlabelled) or class/image (labelled).")
+    str,
+    typer.Argument(
+        help="Image folder: flat (unlabelled) or class/image (labelled); or tar shards: "
+        "'shards/shard-{000000..000127}.tar', a folder with a shards.json (mocoserve shards), "
+        "or img2dataset's output (labels from --label-key). Shards are read by offset, so "
+        "they must be local files (not pipe:).",
+    ),
 ]
 ValOpt = Annotated[
-    Path | None,
+    str | None,
     typer.Option(
         "--val",
-        help="Labelled folder (class/image) for the k-NN monitor: its accuracy every "
-        "--knn-every epochs and at the end.",
+        help="Labelled folder (class/image) or labelled shards for the k-NN monitor: its "
+        "accuracy every --knn-every epochs and at the end.",
+    ),
+]
+LabelKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--label-key",
+        help="Tar shards: the field of each sample's json holding its class (img2dataset's "
+        "metadata), instead of the cls part.",
+        show_default="the cls part",
     ),
 ]
 ResumeOpt = Annotated[
@@ -148,6 +163,7 @@ def train(
         ),
     ] = None,
     val: ValOpt = None,
+    label_key: LabelKeyOpt = None,
     resume: ResumeOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
@@ -217,7 +233,8 @@ def train(
     settings: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Pretrain an image encoder (MoCo v1/v2, SupCon, SupCon with a queue) on an image folder.
+    """Pretrain an image encoder (MoCo v1/v2, SupCon, SupCon with a queue) on an image folder or
+    tar shards.
 
     Under `torchrun --nproc_per_node N -m mocoserve train ...` it trains with DDP.
     """
@@ -231,6 +248,7 @@ def train(
     options = {
         "data.root": str(data),
         "data.val": str(val) if val else None,
+        "data.label_key": label_key,
         "data.workers": workers,
         "data.image_size": image_size,
         "data.gpu_augment": gpu_augment,
@@ -260,14 +278,18 @@ def train(
 
 # lincls trains on labels and reports the probe's own accuracy: its folders and defaults
 ProbeDataArg = Annotated[
-    Path, typer.Argument(help="Labelled image folder (class/image) to train the classifier on.")
+    str,
+    typer.Argument(
+        help="Labelled image folder (class/image) or labelled tar shards to train the "
+        "classifier on."
+    ),
 ]
 ProbeValOpt = Annotated[
-    Path | None,
+    str | None,
     typer.Option(
         "--val",
-        help="Labelled folder (class/image): the probe's top-1/top-5 every 10 epochs and at "
-        "the end.",
+        help="Labelled folder (class/image) or labelled shards: the probe's top-1/top-5 every "
+        "10 epochs and at the end.",
     ),
 ]
 ProbeEpochsOpt = Annotated[
@@ -291,6 +313,7 @@ def lincls(
         Path, typer.Option("--pretrained", help="Pretraining checkpoint whose backbone to probe.")
     ],
     val: ProbeValOpt = None,
+    label_key: LabelKeyOpt = None,
     epochs: ProbeEpochsOpt = None,
     batch_size: batch_size_opt("256") = None,
     out: OutOpt = Path("runs/lincls"),
@@ -310,6 +333,7 @@ def lincls(
         method="linear",
         pretrained=pretrained,
         val=val,
+        label_key=label_key,
         epochs=epochs,
         batch_size=batch_size,
         out=out,

@@ -14,6 +14,7 @@ from mocoserve.train.methods.base import Method
 if TYPE_CHECKING:
     from mocoserve.train.config import TrainConfig
     from mocoserve.train.evaluate import Evaluator
+    from mocoserve.train.models import Encoder
 
 # what the probe takes from the pretraining checkpoint's config unless given explicitly
 NETWORK_FIELDS = (
@@ -44,6 +45,15 @@ class LinearProbe(Method):
         nn.init.normal_(self.fc.weight, std=0.01)
         nn.init.zeros_(self.fc.bias)
         self._reference: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def build_encoder(cls, cfg: TrainConfig) -> Encoder:
+        """The pretraining method's network (a moco-v3 encoder has its own head to load)."""
+        from mocoserve.train import checkpoint
+        from mocoserve.train.methods import get_spec
+
+        pre = checkpoint.load(cfg.method.pretrained)  # type: ignore[arg-type]
+        return get_spec(pre["config"]["method"]["name"]).cls.build_encoder(cfg)
 
     @classmethod
     def check_config(cls, cfg: TrainConfig) -> None:
