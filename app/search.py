@@ -8,6 +8,7 @@ resolved through the index's sidecar (`thumbnail`, `search_id`).
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import math
 import os
@@ -21,6 +22,8 @@ from PIL import Image, ImageDraw
 
 from mocoserve.core.errors import UserError
 from mocoserve.core.images import decode_image
+from mocoserve.core.tars import split_item_key
+from mocoserve.index.items import ItemGone, item_bytes
 from mocoserve.index.reader import Hit, ImageIndex
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -174,9 +177,14 @@ class Searcher:
         if item is None:
             raise SearchError("That is not an indexed image.")
         try:
-            if not os.path.isfile(item.path):
+            if split_item_key(item.path) is not None:  # a tar member, read at its offset
+                image, _ = decode_image(io.BytesIO(item_bytes(item)), draft_size=size)
+            elif not os.path.isfile(item.path):
                 return _placeholder(size, "missing")
-            image, _ = decode_image(item.path, draft_size=size)
+            else:
+                image, _ = decode_image(item.path, draft_size=size)
+        except ItemGone:
+            return _placeholder(size, "missing")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             log.warning("thumbnail of item %d: %s", item_id, type(e).__name__)
             return _placeholder(size, "unreadable")

@@ -9,13 +9,18 @@ pretrained state-dict file) each build the reference module and the manifest, th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import io
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +48,7 @@ from mocoserve.core.torchscript import quiet_torchscript
 from mocoserve.train import checkpoint
 from mocoserve.train.config import TrainConfig
 from mocoserve.train.methods import get_spec
-from mocoserve.train.models import Encoder, has_batchnorm
+from mocoserve.train.models import has_batchnorm
 
 PARITY_BATCH_SIZES = (1, 2, 7, 64)
 MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 4096
@@ -96,13 +101,14 @@ class ExportResult:
 def embedding_model(ckpt: dict[str, Any], output: str) -> tuple[EmbeddingModel, TrainConfig]:
     """The checkpoint's query encoder as an eval-mode EmbeddingModel (plain BatchNorm)."""
     cfg = TrainConfig.from_dict(ckpt["config"])
-    if not get_spec(cfg.method.name).cls.trains_encoder:
+    method = get_spec(cfg.method.name).cls
+    if not method.trains_encoder:
         raise UserError(
             f"this is a {cfg.method.name} checkpoint, not a pretraining one; export the "
             "pretraining checkpoint"
         )
     cfg.model.bn_splits = 1  # SplitBatchNorm is BatchNorm2d in eval mode, with the same keys
-    encoder = Encoder(cfg.model)
+    encoder = method.build_encoder(cfg)  # the method's own network (moco-v3: its two MLPs)
     encoder.load_state_dict(checkpoint.query_encoder_state(ckpt))
     head = encoder.head if output == "head" else None
     model = EmbeddingModel(encoder.backbone, head, list(cfg.data.mean), list(cfg.data.std))
@@ -153,23 +159,40 @@ def _parity(run: Any, reference: nn.Module, size: int, seed: int = 0) -> dict[st
     return {"max_abs_diff": worst_diff, "min_cosine": worst_cos}
 
 
+@contextlib.contextmanager
+def _quiet_exporter_logs() -> Iterator[None]:
+    """torch.export logs, and prints to stderr, a failed capture's whole graph; the ExportError
+    says why in one line instead."""
+    loggers = [logging.getLogger(n) for n in ("torch", "torch.fx.experimental.symbolic_shapes")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def _export_onnx(model: nn.Module, path: Path, size: int, opset: int, spec: str) -> None:
     """ONNX with a dynamic batch axis; the manifest's spec rides along in metadata_props."""
     import onnx
 
     example = (torch.rand(2, 3, size, size),)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.onnx.export(
-        model,
-        example,
-        input_names=["images"],
-        output_names=["embeddings"],
-        opset_version=opset,
-        dynamo=True,
-        external_data=False,
-        dynamic_shapes={"images": {0: batch}},
-        verbose=False,
-    )
+    with _quiet_exporter_logs():
+        program = torch.onnx.export(
+            model,
+            example,
+            input_names=["images"],
+            output_names=["embeddings"],
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            dynamic_shapes={"images": {0: batch}},
+            verbose=False,
+        )
     program.save(str(path))
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
@@ -181,7 +204,9 @@ def _export_onnx(model: nn.Module, path: Path, size: int, opset: int, spec: str)
 def _export_torchscript(model: nn.Module, path: Path, size: int, spec: str) -> None:
     """Traced and frozen TorchScript; the manifest's spec rides along as an extra file."""
     example = torch.rand(2, 3, size, size)
-    with torch.no_grad(), quiet_torchscript():
+    with torch.no_grad(), quiet_torchscript(), warnings.catch_warnings():
+        # timm's shape asserts trace as constants; the parity check runs other batch sizes
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.freeze(torch.jit.trace(model, example).eval())
     traced.save(str(path), _extra_files={SPEC_KEY: spec})
 

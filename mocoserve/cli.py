@@ -13,6 +13,7 @@ from mocoserve.commands import gui as app_commands
 from mocoserve.commands import index as index_commands
 from mocoserve.commands import knn as knn_commands
 from mocoserve.commands import serve as serve_commands
+from mocoserve.commands import shards as shards_commands
 from mocoserve.commands import train as train_commands
 from mocoserve.commands.options import Group, click_help
 
@@ -28,6 +29,7 @@ app.add_typer(train_commands.app)
 app.add_typer(export_commands.app)
 app.add_typer(index_commands.app)
 app.add_typer(index_commands.index_app)
+app.add_typer(shards_commands.app)
 app.add_typer(knn_commands.app)
 app.add_typer(app_commands.app)
 app.add_typer(serve_commands.app)

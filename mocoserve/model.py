@@ -91,10 +91,16 @@ class PackageEncoder:
     def resize(self) -> int:
         return self.manifest.preprocess.resize
 
+    @property
+    def interpolation(self) -> str:
+        """The resize filter the package's weights expect (bilinear or bicubic)."""
+        return self.manifest.preprocess.interpolation
+
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """RGB PIL image -> 3 x S x S float32 in [0, 1]: resize shorter side, centre crop."""
         crop = self.manifest.preprocess.crop
-        return to_input(np.asarray(resize_crop(image, self.resize, crop))[None])[0]
+        pixels = resize_crop(image, self.resize, crop, self.interpolation)
+        return to_input(np.asarray(pixels)[None])[0]
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """N x 3 x S x S float32 in [0, 1] -> N x D L2-normalised float32."""

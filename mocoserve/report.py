@@ -6,6 +6,7 @@ neighbours.png (queries with their nearest training images, framed green or red)
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -19,9 +20,11 @@ from mocoserve.ann import knn
 from mocoserve.core.errors import UserError
 from mocoserve.core.images import load_rgb
 from mocoserve.core.manifest import model_fingerprint
+from mocoserve.core.tars import split_item_key
 from mocoserve.index.catalog import CatalogMeta
 from mocoserve.index.files import IndexFiles
 from mocoserve.index.formats import open_store
+from mocoserve.index.items import ItemGone, member_bytes
 from mocoserve.ingest.embed import embed_folders
 
 
@@ -427,8 +430,10 @@ def confusion_png(matrix: np.ndarray, classes: list[str]) -> Image.Image:
 
 def _thumb(path: str, size: int, frame: str) -> Image.Image:
     try:
-        image = ImageOps.fit(load_rgb(path), (size - 6, size - 6))
-    except (OSError, ValueError):
+        where = split_item_key(path)  # a tar member: its bytes at their offset in the shard
+        source = path if where is None else io.BytesIO(member_bytes(*where))
+        image = ImageOps.fit(load_rgb(source), (size - 6, size - 6))
+    except (OSError, ValueError, ItemGone):
         image = Image.new("RGB", (size - 6, size - 6), "grey")
     return ImageOps.expand(image, border=3, fill=frame)
 

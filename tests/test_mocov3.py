@@ -334,8 +334,8 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(flat_dir, tmp_path):
             assert torch.equal(torch.as_tensor(state_a[name]), torch.as_tensor(state_b[name]))
 
 
-def test_linear_probe_rebuilds_the_moco_v3_network(labelled_dir, tmp_path):
-    """lincls loads a moco-v3 checkpoint into the same encoder (projector + predictor head)."""
+def test_linear_probe_and_export_rebuild_the_moco_v3_network(labelled_dir, tmp_path):
+    """lincls and export load a moco-v3 checkpoint into its encoder (projector + predictor)."""
     pre = tmp_path / "pre"
     tiny = ["--arch", "resnet18", "--set", "model.small_stem=true", *TINY_HEADS, *COMMON]
     args = ["--method", "moco-v3", "-b", "4", "--epochs", "1", "--max-steps", "1", *tiny]
@@ -363,3 +363,14 @@ def test_linear_probe_rebuilds_the_moco_v3_network(labelled_dir, tmp_path):
     base = checkpoint.load(pre / "checkpoints" / "last.pt")["model"]
     heads = [k for k in base if k.startswith("query_encoder.head.predictor.")]
     assert heads and all(torch.equal(lin[k], base[k]) for k in heads)
+    from typer.testing import CliRunner
+
+    from mocoserve import model as model_package
+    from mocoserve.cli import app
+
+    pkg = tmp_path / "pkg"
+    ckpt = str(pre / "checkpoints" / "last.pt")
+    done = CliRunner().invoke(app, ["export", ckpt, "--output", "head", "--out", str(pkg)])
+    assert done.exit_code == 0, done.output
+    loaded = model_package.load(pkg)
+    assert loaded.manifest.embedding_dim == 16  # the predictor's output, the paper's q

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mocoserve.commands.options import EXPORT_MODULES, guarded, needs
+from mocoserve.core.errors import UserError
 
 app = typer.Typer()
 
@@ -20,7 +21,9 @@ ModelArg = Annotated[Path, typer.Argument(help="Model package folder (made by ex
 
 @app.command()
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="Training checkpoint (.pt).")],
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Training checkpoint (.pt); or give --weights.")
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Package folder to write.")] = Path(
         "model"
     ),
@@ -28,7 +31,10 @@ def export(
         str, typer.Option("--output", help="backbone (pre-projection) or head features.")
     ] = "backbone",
     input_size: Annotated[
-        int | None, typer.Option("--input-size", help="Input px (default: the training size).")
+        int | None,
+        typer.Option(
+            "--input-size", help="Input px (default: the training size, or the weights')."
+        ),
     ] = None,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 18,
     formats: Annotated[
@@ -37,26 +43,92 @@ def export(
     fp16: Annotated[
         bool, typer.Option("--fp16", help="Also write encoder.fp16.onnx (for GPU serving).")
     ] = False,
+    weights: Annotated[
+        Path | None,
+        typer.Option(
+            "--weights",
+            help="A pretrained state dict (.pth, .pt, .safetensors) to package instead of a "
+            "checkpoint; needs --arch.",
+        ),
+    ] = None,
+    arch: Annotated[
+        str | None,
+        typer.Option("--arch", help="With --weights: a torchvision ResNet or timm:<name>."),
+    ] = None,
+    weights_name: Annotated[
+        str | None,
+        typer.Option(
+            "--weights-name",
+            help="With --weights: the torchvision entry it is, e.g. ResNet50_Weights.IMAGENET1K_V2 "
+            "(else found from the file's name or hash).",
+        ),
+    ] = None,
+    resize: Annotated[
+        int | None, typer.Option("--resize", help="With --weights: shorter side before the crop.")
+    ] = None,
+    mean: Annotated[str | None, typer.Option("--mean", help="With --weights: R,G,B.")] = None,
+    std: Annotated[str | None, typer.Option("--std", help="With --weights: R,G,B.")] = None,
+    interpolation: Annotated[
+        str | None,
+        typer.Option("--interpolation", help="With --weights: bilinear or bicubic resize."),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="With --weights: model.timm_kwargs={...} or model.small_stem=true (repeatable).",
+        ),
+    ] = None,
 ) -> None:
-    """Fold a checkpoint's query encoder into a verified ONNX + TorchScript model package."""
+    """Fold a checkpoint's query encoder, or a pretrained weights file, into a verified package."""
 
     def work() -> None:
         needs("train", *EXPORT_MODULES, command="export")
         from mocoserve.export.package import ExportError, export_checkpoint
 
+        format_list = tuple(f.strip() for f in formats.split(",") if f.strip())
+        weights_only = {
+            "--arch": arch,
+            "--weights-name": weights_name,
+            "--resize": resize,
+            "--mean": mean,
+            "--std": std,
+            "--interpolation": interpolation,
+            "--set": overrides,
+        }
         try:
-            result = export_checkpoint(
-                checkpoint,
-                out,
-                output,
-                input_size,
-                opset,
-                tuple(f.strip() for f in formats.split(",") if f.strip()),
-                fp16,
-            )
+            if weights is None:
+                if checkpoint is None:
+                    raise UserError("export takes a checkpoint, or --weights FILE --arch ARCH")
+                given = next((k for k, v in weights_only.items() if v), None)
+                if given:
+                    raise UserError(f"{given} is for --weights; a checkpoint knows its own")
+                result = export_checkpoint(
+                    checkpoint, out, output, input_size, opset, format_list, fp16
+                )
+            else:
+                result = _export_weights(
+                    weights,
+                    checkpoint,
+                    out,
+                    output,
+                    arch,
+                    weights_name,
+                    opset,
+                    format_list,
+                    fp16,
+                    input_size,
+                    resize,
+                    mean,
+                    std,
+                    interpolation,
+                    overrides or [],
+                )
         except ExportError as e:
             print(f"error: {e}; package not written", file=sys.stderr)
             raise typer.Exit(1) from None
+        for note in result.notes:
+            print(note)
         parity = result.manifest.parity
         for name in ("onnx", "torchscript", "onnx_fp16"):
             if name in parity:
@@ -70,6 +142,48 @@ def export(
     guarded(work)
 
 
+def _export_weights(
+    weights: Path,
+    checkpoint: Path | None,
+    out: Path,
+    output: str,
+    arch: str | None,
+    weights_name: str | None,
+    opset: int,
+    formats: tuple[str, ...],
+    fp16: bool,
+    input_size: int | None,
+    resize: int | None,
+    mean: str | None,
+    std: str | None,
+    interpolation: str | None,
+    overrides: list[str],
+) -> Any:
+    """`export --weights`: the options checked and turned into export_weights' arguments."""
+    from mocoserve.export.preprocess import PreprocessOptions, parse_triple
+    from mocoserve.export.weights import export_weights
+    from mocoserve.train.config import parse_set
+
+    if checkpoint is not None:
+        raise UserError("give a checkpoint or --weights, not both")
+    if arch is None:
+        raise UserError(
+            "--weights needs --arch (a torchvision ResNet, e.g. resnet50, or timm:<name>)"
+        )
+    if output != "backbone":
+        raise UserError("a weights file has no projection head: --output backbone only")
+    options = PreprocessOptions(
+        input_size=input_size,
+        resize=resize,
+        interpolation=interpolation,
+        mean=parse_triple(mean, "--mean"),
+        std=parse_triple(std, "--std"),
+    )
+    return export_weights(
+        weights, arch, out, parse_set(overrides), options, weights_name, opset, formats, fp16
+    )
+
+
 @app.command()
 def info(model: ModelArg) -> None:
     """Print a model package's manifest as a table, with each file's checksum verified."""
@@ -80,7 +194,7 @@ def info(model: ModelArg) -> None:
         manifest = read_manifest(model)
         console = Console(soft_wrap=True)
         table = Table(title=str(model), show_header=False)
-        source, pre = manifest.source, manifest.preprocess
+        pre = manifest.preprocess
         rows = [
             ("format version", manifest.format_version),
             (
@@ -94,11 +208,7 @@ def info(model: ModelArg) -> None:
                 f"resize {pre.resize} ({pre.interpolation}), "
                 f"centre crop {pre.crop}; mean/std folded into the graph",
             ),
-            (
-                "source",
-                f"{source.get('method')} {source.get('arch')}, {source.get('epochs')} epochs "
-                f"({source.get('checkpoint')}, sha256 {source.get('checkpoint_sha256', '')[:12]}…)",
-            ),
+            ("source", manifest.source_line()),
         ]
         problems = 0
         for name, entry in manifest.files.items():

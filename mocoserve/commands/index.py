@@ -71,7 +71,15 @@ OnDiskOpt = Annotated[
 
 @app.command()
 def embed(
-    images: Annotated[list[Path], typer.Argument(help="Image folders (searched recursively).")],
+    images: Annotated[
+        list[str],
+        typer.Argument(
+            help="Image folders (searched recursively), or tar shards: files, brace patterns "
+            "('shards/shard-{000000..000127}.tar'), a folder of shards or its shards.json, "
+            "pipe: commands ('pipe:aws s3 cp s3://bucket/shard-000001.tar -').",
+            show_default=False,
+        ),
+    ],
     index: Annotated[Path, typer.Option("--index", "-i", help="Index file to create or update.")],
     model: Annotated[
         Path | None,
@@ -103,6 +111,14 @@ def embed(
             "keep labelling); --no-labels drops the labels. Default: as the index was made.",
         ),
     ] = None,
+    label_key: Annotated[
+        str | None,
+        typer.Option(
+            "--label-key",
+            help="Tar shards: the json member's field holding the label (img2dataset's "
+            "metadata). Default: the json's label, else the cls member.",
+        ),
+    ] = None,
     device: DeviceOpt = None,
     strict: Annotated[
         bool, typer.Option("--strict", help="Exit 1 if any file could not be embedded.")
@@ -132,7 +148,8 @@ def embed(
     ] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Embed image folders into a FAISS index and its store; reruns do only what changed.
+    """Embed image folders or tar shards into a FAISS index and its store; reruns do only
+    what changed (a tar shard of the same size and mtime is skipped).
 
     One process, `torchrun --nproc_per_node N -m mocoserve embed ...` (each rank its shards,
     rank 0 builds), or `--shard I/N` per task of a SLURM array.
@@ -201,6 +218,7 @@ def embed(
                 shard=which,
                 shards=shards,
                 store_dtype=store_dtype,
+                label_key=label_key,
             )
         except KeyboardInterrupt:
             progress.stop()
@@ -224,6 +242,13 @@ def embed(
         exit_worker(code or 0)
     if code:
         raise typer.Exit(code)
+
+
+def _display_path(path: str) -> str:
+    """A file's path relative to here; a tar item's key as it is (tar:<shard>//<member>)."""
+    from mocoserve.core.tars import split_item_key
+
+    return path if split_item_key(path) is not None else os.path.relpath(path)
 
 
 def print_summary(index: Path, summary, per_shard: bool) -> None:
@@ -338,7 +363,7 @@ def search(
                     str(r),
                     f"{h.score:.4f}",
                     escape(shown(h.label or "")),
-                    escape(shown(os.path.relpath(h.path))) + mark,
+                    escape(shown(_display_path(h.path))) + mark,
                 )
             console.print(table)
 

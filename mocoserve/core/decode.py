@@ -63,15 +63,50 @@ class Header:
     code: str | None = None
 
 
-def decode_file(path: str, resize: int, crop: int, max_pixels: int = MAX_IMAGE_PIXELS) -> Decoded:
-    """Read, hash and decode one file; never raises for a bad file."""
+@dataclass(frozen=True)
+class ByteRange:
+    """`size` bytes at `offset` of a file (a tar member), as listed when its file's mtime
+    was `mtime` (ns): a decoder process reads them itself, no bytes through a pipe."""
+
+    path: str
+    offset: int
+    size: int
+    mtime: int
+
+
+def read_range(part: ByteRange) -> bytes:
+    """The range's bytes; an OSError if its file changed since it was listed or is short."""
+    with open(part.path, "rb") as f:
+        if os.fstat(f.fileno()).st_mtime_ns != part.mtime:
+            raise OSError(f"{part.path} changed since it was listed")
+        data = os.pread(f.fileno(), part.size, part.offset)
+    if len(data) != part.size:
+        raise OSError(f"{part.path} ends before byte {part.offset + part.size}")
+    return data
+
+
+def decode_file(
+    path: str | ByteRange,
+    resize: int,
+    crop: int,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    interpolation: str = "bilinear",
+) -> Decoded:
+    """Read, hash and decode one file (or a range of one); never raises for a bad file."""
+    if isinstance(path, ByteRange):
+        try:
+            data = read_range(path)
+        except OSError as e:
+            error = f"cannot read: {e.strerror or e}"
+            return Decoded(path.path, 0, 0, error=error, code="unreadable")
+        return decode_bytes(data, resize, crop, path.path, path.mtime, max_pixels, interpolation)
     try:
         st = os.stat(path)
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         return Decoded(path, 0, 0, error=f"cannot read: {e.strerror or e}", code="unreadable")
-    return decode_bytes(data, resize, crop, path, st.st_mtime_ns, max_pixels)
+    return decode_bytes(data, resize, crop, path, st.st_mtime_ns, max_pixels, interpolation)
 
 
 def read_header(data: bytes, resize: int, max_pixels: int = MAX_IMAGE_PIXELS) -> Header:
@@ -93,10 +128,12 @@ def decode_bytes(
     path: str = "",
     mtime: int = 0,
     max_pixels: int = MAX_IMAGE_PIXELS,
+    interpolation: str = "bilinear",
 ) -> Decoded:
     """Hash and decode an image's bytes (a file's, an upload's); never raises for bad bytes.
 
-    An image over `max_pixels` is refused from its header (code too_many_pixels).
+    An image over `max_pixels` is refused from its header (code too_many_pixels); the resize
+    uses the package's `interpolation`.
     """
     item = Decoded(path, len(data), mtime, hashlib.sha256(data).hexdigest())
     if not data:
@@ -105,7 +142,7 @@ def decode_bytes(
     try:
         draft = resize * DRAFT_HEADROOM
         image, (item.width, item.height) = decode_image(io.BytesIO(data), draft, max_pixels)
-        item.pixels = np.asarray(resize_crop(image, resize, crop), dtype=np.uint8)
+        item.pixels = np.asarray(resize_crop(image, resize, crop, interpolation), dtype=np.uint8)
     except _BAD_IMAGE as e:
         item.error, item.code = _reason(e)
     return item
@@ -122,8 +159,10 @@ def _reason(e: BaseException) -> tuple[str, str]:
     return f"cannot decode: {type(e).__name__}: {e}", "undecodable"
 
 
-def _decode_chunk(paths: Sequence[str], resize: int, crop: int) -> list[Decoded]:
-    return [decode_file(p, resize, crop) for p in paths]
+def _decode_chunk(
+    paths: Sequence[str | ByteRange], resize: int, crop: int, interpolation: str = "bilinear"
+) -> list[Decoded]:
+    return [decode_file(p, resize, crop, interpolation=interpolation) for p in paths]
 
 
 def _worker_init() -> None:
@@ -156,30 +195,40 @@ def default_workers(spare: int = 1) -> int:
 
 
 def decode_files(
-    paths: Sequence[str], resize: int, crop: int, workers: int, chunk: int = 16
+    paths: Sequence[str | ByteRange],
+    resize: int,
+    crop: int,
+    workers: int,
+    chunk: int = 16,
+    interpolation: str = "bilinear",
 ) -> Iterator[Decoded]:
     """Decode files in order, `workers` processes (0: in this process), bounded read-ahead."""
     if workers <= 0:
         for path in paths:
-            yield decode_file(path, resize, crop)
+            yield decode_file(path, resize, crop, interpolation=interpolation)
         return
     context = multiprocessing.get_context("spawn")  # no fork of a threaded ORT process
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
-        yield from _ordered(pool, paths, resize, crop, chunk, window=4 * workers)
+        yield from _ordered(pool, paths, (resize, crop, interpolation), chunk, window=4 * workers)
 
 
 def _ordered(
-    pool: Executor, paths: Sequence[str], resize: int, crop: int, chunk: int, window: int
+    pool: Executor,
+    paths: Sequence[str | ByteRange],
+    how: tuple[int, int, str],
+    chunk: int,
+    window: int,
 ) -> Iterator[Decoded]:
+    """`how`: (resize, crop, interpolation) for each chunk's `_decode_chunk`."""
     pending: deque[Future] = deque()
     starts = iter(range(0, len(paths), chunk))
     for start in starts:
-        pending.append(pool.submit(_decode_chunk, paths[start : start + chunk], resize, crop))
+        pending.append(pool.submit(_decode_chunk, paths[start : start + chunk], *how))
         if len(pending) >= window:
             break
     while pending:
         done = pending.popleft().result()
         start = next(starts, None)
         if start is not None:
-            pending.append(pool.submit(_decode_chunk, paths[start : start + chunk], resize, crop))
+            pending.append(pool.submit(_decode_chunk, paths[start : start + chunk], *how))
         yield from done

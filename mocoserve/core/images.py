@@ -139,15 +139,24 @@ def decode_image(
         return _to_rgb(img), (width, height)
 
 
-def resize_crop(image: Image.Image, resize: int, crop: int) -> Image.Image:
-    """Resize the shorter side to `resize` and centre-crop `crop` pixels, as torchvision does."""
+_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}  # a package's interpolation
+
+
+def resize_crop(
+    image: Image.Image, resize: int, crop: int, interpolation: str = "bilinear"
+) -> Image.Image:
+    """Resize the shorter side to `resize` and centre-crop `crop` pixels, as torchvision does.
+
+    `interpolation` (bilinear, bicubic) is Pillow's filter, as torchvision's and timm's eval
+    transforms use on PIL images.
+    """
     image = image.convert("RGB") if image.mode != "RGB" else image
     w, h = image.size
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(resize * long / short)  # torchvision's Resize(int) arithmetic
     new_w, new_h = (resize, new_long) if w <= h else (new_long, resize)
     if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), Image.BILINEAR)
+        image = image.resize((new_w, new_h), _FILTERS[interpolation])
     left = round((new_w - crop) / 2.0)  # torchvision's center_crop arithmetic
     top = round((new_h - crop) / 2.0)
     return image.crop((left, top, left + crop, top + crop))

@@ -26,6 +26,9 @@ BACKEND_FILES = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
 PACKAGE_FILES = (MANIFEST_FILE, ONNX_FILE, ONNX_FP16_FILE, TORCHSCRIPT_FILE)
 INPUT_DESCRIPTION = "float32 NCHW RGB in [0, 1]"
 _PREPROCESS_EXTRAS = ("interpolation", "mean", "std", "folded", "input")
+# The resize filters serving applies (Pillow's, as torchvision's and timm's eval transforms on
+# PIL images): a package recording another is refused rather than served with the wrong one.
+INTERPOLATIONS = ("bilinear", "bicubic")
 SPEC_KEY = "mocoserve.spec"  # ONNX metadata_props key / TorchScript extra file of the spec
 
 
@@ -141,6 +144,11 @@ class Manifest:
             )
         if manifest.preprocess.resize < manifest.input_size:
             raise UserError(f"{where}: preprocess.resize is smaller than input_size")
+        if manifest.preprocess.interpolation not in INTERPOLATIONS:
+            raise UserError(
+                f"{where}: preprocess.interpolation {manifest.preprocess.interpolation!r} is not "
+                f"one this mocoserve applies ({', '.join(INTERPOLATIONS)}); upgrade mocoserve"
+            )
         return manifest
 
     @classmethod
@@ -157,6 +165,23 @@ class Manifest:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{path} is not valid JSON ({e})") from None
         return cls.from_dict(data, str(path))
+
+    def source_line(self) -> str:
+        """Where the model came from, in one line: a training checkpoint or a weights file.
+
+        `source.kind` is "weights" for `export --weights`; manifests from before it have no
+        kind and are checkpoints.
+        """
+        s = self.source
+        if s.get("kind") == "weights":
+            return (
+                f"pretrained weights, {s.get('arch')} ({s.get('weights')}, sha256 "
+                f"{str(s.get('weights_sha256', ''))[:12]}…)"
+            )
+        return (
+            f"{s.get('method')} {s.get('arch')}, {s.get('epochs')} epochs "
+            f"({s.get('checkpoint')}, sha256 {str(s.get('checkpoint_sha256', ''))[:12]}…)"
+        )
 
     def spec(self) -> dict[str, Any]:
         """What the model files are: export bakes this into each, the loader compares."""

@@ -13,6 +13,12 @@ so training knows the length without reading the tars and a served item is read 
 A shard without an index (img2dataset's) is listed by reading its member headers (tarfile
 seeks over the data); an index whose shard has changed size is refused by name.
 
+An indexed tar item is named by one text key, `tar:<shard>//<member>` (`item_key`): the
+folder reader's keys are absolute paths, so it never makes one; a resolved shard path never
+holds `//` (and where a pipe: url does, it is escaped), so `split_item_key` finds the shard.
+Every key of a shard starts with `tar:<shard>/`, so the shard's key (`shard_key`) is the
+root that covers its members, the way a folder covers its files.
+
 Sources are local files, brace patterns (`shard-{000000..000127}.tar`, expanded by
 braceexpand as WebDataset does), lists of them, a folder of shards, a `shards.json`, or
 `pipe:` commands (read as a stream through WebDataset's gopen: no offsets, no index).
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +45,8 @@ INDEX_KIND = "mocoserve-shard-index"
 INDEX_VERSION = 1
 WIDS_KIND = "wids-shard-index-v1"
 PIPE = "pipe:"
+KEY_PREFIX = "tar:"  # an item key from a shard: tar:<shard>//<member>
+KEY_SEP = "//"
 # a json member larger than this is not a label record (img2dataset's are ~1 KiB)
 MAX_JSON_BYTES = 1 << 20
 
@@ -74,7 +83,55 @@ def is_shard_spec(spec: str | os.PathLike) -> bool:
     if text.endswith((".tar", SHARD_LIST)) or ("{" in text and ".tar" in text):
         return True
     p = Path(text)
-    return p.is_dir() and (p / SHARD_LIST).is_file()
+    if not p.is_dir():
+        return False
+    if (p / SHARD_LIST).is_file():
+        return True
+    # a folder of shards: .tar files at its top and no image beside them
+    try:
+        names = [e.name for e in os.scandir(p) if e.is_file()]
+    except OSError:
+        return False
+    image = any(f".{n.rsplit('.', 1)[-1].lower()}" in IMAGE_EXTENSIONS for n in names if "." in n)
+    return not image and any(n.endswith(".tar") for n in names)
+
+
+def _escape_shard(shard: str) -> str:
+    # '%' first, then each '//' (a pipe: url's s3://) and a trailing '/': no '//' is left
+    text = shard.replace("%", "%25").replace("//", "/%2F")
+    return text[:-1] + "%2F" if text.endswith("/") else text
+
+
+def _unescape_shard(text: str) -> str:
+    return re.sub(r"%(25|2F)", lambda m: "%" if m[1] == "25" else "/", text)
+
+
+def shard_key(shard: str) -> str:
+    """The key prefix of a shard's items: `tar:<shard>` (the root that covers them)."""
+    return KEY_PREFIX + _escape_shard(shard)
+
+
+def item_key(shard: str, member: str) -> str:
+    """An item's key, as the index stores it: `tar:/abs/shard-000001.tar//000123.jpg`."""
+    return f"{shard_key(shard)}{KEY_SEP}{member}"
+
+
+def split_item_key(key: str) -> tuple[str, str] | None:
+    """(shard, member) of a tar item's key; None for any other key (a file's path)."""
+    if not key.startswith(KEY_PREFIX):
+        return None
+    head, sep, member = key[len(KEY_PREFIX) :].partition(KEY_SEP)
+    return (_unescape_shard(head), member) if sep and member else None
+
+
+def key_group(key: str) -> str:
+    """What places a key in an index shard: a tar item's shard key (a tar's items stay
+    together, so process shards get whole tars), else the key itself."""
+    if key.startswith(KEY_PREFIX):
+        head, sep, _ = key.partition(KEY_SEP)
+        if sep:
+            return head
+    return key
 
 
 def expand(specs: Sequence[str | os.PathLike]) -> list[str]:
@@ -167,13 +224,14 @@ def index_path(shard: str | os.PathLike) -> Path:
     return Path(f"{shard}{INDEX_SUFFIX}")
 
 
-def list_shard(shard: str, label_key: str | None = None) -> ShardListing:
+def list_shard(shard: str, label_key: str | None = None, labels: bool = True) -> ShardListing:
     """A local shard's samples: from its index when there is one (and it matches the tar's
     size), else by reading the member headers. A truncated tar keeps the samples before
     the damage and records the failure; a sample without an image part is a failure.
 
-    `label_key`: the json field holding the label (img2dataset's metadata); else the `cls`
-    part, else the index's label.
+    `label_key`: the json field holding the label (img2dataset's metadata); else the index's
+    label, else json's "label", else the `cls` part. `labels=False`: offsets only (no label
+    part is read).
     """
     if shard.startswith(PIPE):
         raise UserError(f"{shard}: a pipe: stream has no offsets; it can only be streamed")
@@ -186,7 +244,7 @@ def list_shard(shard: str, label_key: str | None = None) -> ShardListing:
         return listing
     try:
         with tarfile.open(shard, mode="r:") as tar:
-            _scan_members(tar, listing, label_key)
+            _scan_members(tar, listing, label_key, labels)
     except tarfile.ReadError as e:
         if not listing.samples and not listing.failures:
             listing.failures.append((shard, f"not a readable tar ({_first_line(e)})"))
@@ -200,7 +258,9 @@ def _stat(shard: str) -> os.stat_result:
         raise UserError(f"{path_text(shard)} does not exist") from None
 
 
-def _scan_members(tar: tarfile.TarFile, listing: ShardListing, label_key: str | None) -> None:
+def _scan_members(
+    tar: tarfile.TarFile, listing: ShardListing, label_key: str | None, labels: bool = True
+) -> None:
     """Group a tar's members into samples, in order; the data of small label parts is read."""
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
     try:
@@ -224,7 +284,7 @@ def _scan_members(tar: tarfile.TarFile, listing: ShardListing, label_key: str | 
         if info.offset_data + info.size > size:
             listing.failures.append((key, f"{info.name} is cut short by the end of the tar"))
             continue
-        label = _label(tar, parts, label_key, key, listing)
+        label = _label(tar, parts, label_key, key, listing) if labels else None
         listing.samples.append(
             TarSample(listing.shard, key, info.name, info.offset_data, info.size, label)
         )
@@ -245,18 +305,24 @@ def _label(
     key: str,
     listing: ShardListing,
 ) -> str | None:
-    """The sample's label: json[label_key] when asked for, else the cls part, else json's label."""
+    """The sample's label: json[label_key] when asked for; else json's "label" (a class name,
+    as `mocoserve shards` writes it), else the cls part (a class index as text)."""
     try:
+        if "json" in parts and parts["json"].size <= MAX_JSON_BYTES:
+            value = _json_label(_member_bytes(tar, parts["json"]), label_key or "label")
+            if value is not None or label_key is not None:
+                return value
         if label_key is None and "cls" in parts:
             return _member_bytes(tar, parts["cls"]).decode("utf-8").strip() or None
-        if "json" in parts and parts["json"].size <= MAX_JSON_BYTES:
-            meta = json.loads(_member_bytes(tar, parts["json"]))
-            if isinstance(meta, dict):
-                value = meta.get(label_key or "label")
-                return None if value is None else str(value)
     except (UnicodeDecodeError, json.JSONDecodeError, OSError, tarfile.TarError) as e:
         listing.failures.append((key, f"unreadable label part ({_first_line(e)})"))
     return None
+
+
+def _json_label(data: bytes, field: str) -> str | None:
+    meta = json.loads(data)
+    value = meta.get(field) if isinstance(meta, dict) else None
+    return None if value is None else str(value)
 
 
 def _member_bytes(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
@@ -322,9 +388,10 @@ def _samples_from_index(shard: str, idx: Path, size: int) -> list[TarSample]:
     return samples
 
 
-def stream_samples(url: str) -> Iterator[tuple[TarSample, bytes]]:
+def stream_samples(url: str, label_key: str | None = None) -> Iterator[tuple[TarSample, bytes]]:
     """A shard read front to back (local path or pipe: command) through WebDataset's tar
-    iterator: each sample with its image's bytes. Offsets are -1: a stream has none."""
+    iterator: each sample with its image's bytes, labelled as `list_shard` labels. Offsets
+    are -1: a stream has none."""
     # imported here: webdataset imports torch when it is installed
     from webdataset.gopen import gopen
     from webdataset.tariterators import tar_file_iterator
@@ -336,22 +403,31 @@ def stream_samples(url: str) -> Iterator[tuple[TarSample, bytes]]:
         for member in tar_file_iterator(stream):
             key, part = sample_key(member["fname"])
             if current is not None and key != current:
-                yield from _streamed(url, current, parts)
+                yield from _streamed(url, current, parts, label_key)
                 parts = {}
             current = key
             if part:
                 parts[part] = member["data"]
         if current is not None:
-            yield from _streamed(url, current, parts)
+            yield from _streamed(url, current, parts, label_key)
     finally:
         stream.close()
 
 
-def _streamed(url: str, key: str, parts: dict[str, bytes]) -> Iterator[tuple[TarSample, bytes]]:
+def _streamed(
+    url: str, key: str, parts: dict[str, bytes], label_key: str | None
+) -> Iterator[tuple[TarSample, bytes]]:
     image = next((p for p in parts if _is_image_part(p)), None)
     if image is None:
         return
-    label = parts["cls"].decode("utf-8", "replace").strip() if "cls" in parts else None
+    label = None
+    try:
+        if "json" in parts and len(parts["json"]) <= MAX_JSON_BYTES:
+            label = _json_label(parts["json"], label_key or "label")
+        if label is None and label_key is None and "cls" in parts:
+            label = parts["cls"].decode("utf-8").strip() or None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        label = None  # the image is still the sample's; an unreadable label is no label
     name = f"{key}.{image}"
     yield TarSample(url, key, name, -1, len(parts[image]), label), parts[image]
 

@@ -256,10 +256,18 @@ class ImageIndex:
         batch, hashes = [], []
         for image in images:
             if isinstance(image, Image.Image):
-                batch.append(np.asarray(resize_crop(image, encoder.resize, encoder.input_size)))
+                pixels = resize_crop(
+                    image, encoder.resize, encoder.input_size, encoder.interpolation
+                )
+                batch.append(np.asarray(pixels))
                 hashes.append(None)
                 continue
-            decoded = decode_file(str(image), encoder.resize, encoder.input_size)
+            decoded = decode_file(
+                str(image),
+                encoder.resize,
+                encoder.input_size,
+                interpolation=encoder.interpolation,
+            )
             if decoded.error:
                 raise UserError(f"{image}: {decoded.error}")
             batch.append(decoded.pixels)

@@ -40,6 +40,7 @@ import numpy as np
 
 from mocoserve.core.errors import UserError
 from mocoserve.core.files import lock_file
+from mocoserve.core.tars import key_group
 from mocoserve.index.catalog import Catalog, CatalogMeta
 from mocoserve.index.dbfile import DbFile
 from mocoserve.index.files import IndexFiles, ShardFiles, refusal
@@ -69,8 +70,9 @@ CREATE TABLE IF NOT EXISTS blocks (
 
 
 def shard_of(path: str, shards: int) -> int:
-    """The shard a file belongs to: a hash of its path, stable whatever else is indexed."""
-    digest = hashlib.blake2b(os.fsencode(path), digest_size=8).digest()
+    """The shard a file belongs to: a hash of its path, stable whatever else is indexed.
+    A tar member's is its tar's (`core.tars.key_group`): a tar's items stay together."""
+    digest = hashlib.blake2b(os.fsencode(key_group(path)), digest_size=8).digest()
     return int.from_bytes(digest, "little") % shards
 
 

@@ -1,13 +1,16 @@
-"""`embed_folders`: image folders -> an index, resumable, incremental, on one or many processes.
+"""`embed_folders`: image folders or tar shards -> an index, resumable, incremental, on one or
+many processes.
 
-A run scans the folders, compares every file's size and mtime with what its shard holds,
+A run scans its source (a `FolderSource`, or a `TarSource` for tar shards: the same
+pipeline, a second reader), compares every file's size and mtime with what its shard holds,
 removes what was deleted, embeds what is new or changed (and what failed before), and
 builds the FAISS file. Killed at any point, the next run picks up after the last committed
 batch. Three ways to run it, the same index either way:
 
 - one process: it writes every shard and builds;
 - `torchrun --nproc_per_node 8 -m mocoserve embed ...`: rank r writes the shards s with
-  s % world == r (on GPU `LOCAL_RANK`); rank 0 made the index and builds it after every rank
+  s % world == r (on GPU `LOCAL_RANK`; a tar's items are all in one shard, so whole tars
+  go to a rank); rank 0 made the index and builds it after every rank
   has finished (the process group only agrees: no vector travels through it);
 - `mocoserve embed ... --shard I/N` (a SLURM array task, or hosts that share only a file
   system): shard I, then stop; the last shard to finish builds (or `mocoserve index build`).
@@ -25,6 +28,7 @@ from mocoserve.core.cluster import Group
 from mocoserve.core.decode import default_workers
 from mocoserve.core.errors import RunError, UserError
 from mocoserve.core.manifest import ModelFacts
+from mocoserve.core.tars import PIPE, is_shard_spec, shard_key
 from mocoserve.index.catalog import CatalogMeta
 from mocoserve.index.files import IndexFiles
 from mocoserve.index.formats import open_store
@@ -32,6 +36,7 @@ from mocoserve.index.store import ShardedStore, shard_of
 from mocoserve.index.writer import IndexWriter, shards_done
 from mocoserve.ingest.runner import Runner
 from mocoserve.ingest.scan import FolderSource, ImageSource
+from mocoserve.ingest.tarsource import TarSource
 from mocoserve.model import PackageEncoder, load
 
 
@@ -118,8 +123,14 @@ def embed_folders(
     max_index_memory: str | int | None = None,
     recall_target: float | None = None,
     on_disk: bool | None = None,
+    label_key: str | None = None,
 ) -> EmbedSummary:
     """Embed every image under `roots` into the index at `index_path` (created if new).
+
+    `roots`: image folders (or files), or tar shards (`core.tars.is_shard_spec`: shard files,
+    brace patterns, folders of shards, shards.json, pipe: commands), labelled by their
+    json's `label_key` field (img2dataset's metadata) or, by default, their json's label or
+    cls part; `labels_from_folders=False` drops a shard's labels.
 
     `index_type`, `max_index_memory` ('4G' or bytes), `recall_target` and `on_disk`: None
     keeps what the index remembers (auto, no budget, 0.95, in memory for a new one).
@@ -129,8 +140,8 @@ def embed_folders(
     are fixed when an index is made. `on_start(todo, provider)` and `on_progress(n)` drive a
     progress bar.
     """
-    _check_request(roots, batch_size)
     started = time.perf_counter()
+    tar_source = _check_request(roots, batch_size, label_key, labels_from_folders)
     index_path = Path(index_path)
     budget = parse_size(max_index_memory) if isinstance(max_index_memory, str) else max_index_memory
     choice = IndexChoice(index_type, budget, recall_target, on_disk)
@@ -163,7 +174,7 @@ def embed_folders(
         # 2. this process's shards: diff against the folders, remove, relabel, ingest
         n = writer.shard_count
         mine = [shard[0]] if shard else [s for s in range(n) if s % group.world == group.rank]
-        source = FolderSource(roots, writer.labelled_by_folders())
+        source = tar_source or FolderSource(roots, writer.labelled_by_folders())
         pipeline = Pipeline(encoder, batch_size, workers, on_start, on_progress)
         _embed_everywhere(writer, group, mine, source, pipeline, summary)
         # 3. the FAISS file: built by rank 0 (after every rank has finished: the gather in 2)
@@ -180,15 +191,29 @@ def embed_folders(
     return summary
 
 
-def _check_request(roots: Sequence[str | Path], batch_size: int) -> None:
+def _check_request(
+    roots: Sequence[str | Path],
+    batch_size: int,
+    label_key: str | None,
+    labels_from_folders: bool | None,
+) -> TarSource | None:
+    """Refuse a bad request before any file of the index is made (a mistyped folder or shard
+    leaves no empty index behind); the tar source, when the roots name tar shards."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if not roots:
         raise UserError("give at least one image folder")
-    # before any file of the index is made: a mistyped folder leaves no empty index behind
+    shards = [is_shard_spec(r) for r in roots]
+    if any(shards):
+        if not all(shards):
+            raise UserError("give image folders or tar shards, not both, to one embed run")
+        return TarSource(roots, label_key, labels=labels_from_folders is not False)
+    if label_key is not None:
+        raise UserError("--label-key names a json field of tar shards; these are image folders")
     for root in roots:
         if not Path(root).exists():
             raise UserError(f"{root} does not exist")
+    return None
 
 
 def _shard_count(
@@ -298,22 +323,30 @@ def _embed_shards(
         summary.shards.append(ShardSummary(s, skipped=skipped, removed=removed))
         summary.unlabelled += sum(1 for label, _ in relabel if label is None)
         summary.relabelled += sum(1 for label, _ in relabel if label is not None)
-    summary.skipped = sum(p.skipped for p in summary.shards)
-    summary.removed = sum(p.removed for p in summary.shards)
+    by_shard = {p.shard: p for p in summary.shards}
+    if isinstance(source, TarSource):
+        _stream_unchanged(writer, mine, source, by_shard)
     if pipeline.on_start is not None:
         pipeline.on_start(len(todo), pipeline.encoder.provider)
     workers = default_workers() if pipeline.workers is None else pipeline.workers
+
+    def commit(added: list, failed: list[tuple[str, str]]) -> None:
+        writer.commit(added, failed)
+        for item in added:
+            by_shard[shard_of(item.path, n)].embedded += 1
+        for key, _ in failed:
+            by_shard[shard_of(key, n)].failed += 1
+
     runner = Runner.for_encoder(
-        pipeline.encoder, writer.commit, pipeline.batch_size, workers, pipeline.on_progress
+        pipeline.encoder, commit, pipeline.batch_size, workers, pipeline.on_progress
     )
-    counts = runner.run(list(source.read(todo)))
-    by_shard = {p.shard: p for p in summary.shards}
-    failed_keys = {key for key, _ in counts.failures}
-    for f in todo:
-        by_shard[shard_of(f.path, n)].embedded += f.path not in failed_keys
-    for key, _ in counts.failures:
-        by_shard[shard_of(key, n)].failed += 1
-    summary.embedded, summary.failed = counts.embedded, counts.failed
+    counts = runner.run(source.read(todo))
+    listed = source.failures  # a tar's damage, found while listing or streaming it
+    if listed:
+        commit([], listed)
+    summary.skipped = sum(p.skipped for p in summary.shards)
+    summary.removed = sum(p.removed for p in summary.shards)
+    summary.embedded, summary.failed = counts.embedded, counts.failed + len(listed)
     summary.stages = {
         "scan": source.time.seconds,
         "decode_wait": counts.decode_wait_s,
@@ -323,6 +356,32 @@ def _embed_shards(
     for s in mine:
         writer.mark(s, "completed")
     summary.failures = sorted(f for s in mine for f in writer.shards[s].failures())
+
+
+def _stream_unchanged(
+    writer: IndexWriter, mine: list[int], source: TarSource, by_shard: dict[int, ShardSummary]
+) -> None:
+    """A pipe: shard has no size or mtime: its members already held at the same size are
+    skipped as they stream by; its failure from an earlier run is forgotten (it streams again)."""
+    n = writer.shard_count
+    streams = [s for s in source.shards if s.startswith(PIPE)]
+    mine_set = set(mine)
+    urls = [shard_key(u) for u in streams if shard_of(shard_key(u), n) in mine_set]
+    if not urls:
+        return
+    writer.remove_paths(urls)
+    known = {}
+    for s in mine:
+        known.update(writer.shards[s].stats())
+
+    def unchanged(key: str, size: int) -> bool:
+        row = known.get(key)
+        if row is None or (row[1], row[2]) != (size, 0):
+            return False
+        by_shard[shard_of(key, n)].skipped += 1
+        return True
+
+    source.unchanged = unchanged
 
 
 def _combine(summary: EmbedSummary, parts: list[dict]) -> None:

@@ -9,7 +9,7 @@ the batch in flight; a decode failure is committed with the batch it came in.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from mocoserve.core.decode import Decoded
@@ -54,11 +54,12 @@ class Runner:
         progress: ProgressFn | None = None,
     ) -> Runner:
         """The stages for a model package: decoded at its resize and crop, committed to `sink`."""
-        decode = DecodeStage(encoder.resize, encoder.input_size, workers)
+        decode = DecodeStage(encoder.resize, encoder.input_size, workers, encoder.interpolation)
         return cls(decode, ModelStage(encoder), WriterStage(sink), batch_size, progress)
 
-    def run(self, items: Sequence[SourceItem]) -> IngestCounts:
-        """Every item once; the counts, and each stage's time."""
+    def run(self, items: Iterable[SourceItem]) -> IngestCounts:
+        """Every item once, taken as they come (a streamed source is never held whole); the
+        counts, and each stage's time."""
         counts = IngestCounts(
             decode=self.decode.time, model=self.model.time, write=self.writer.time
         )

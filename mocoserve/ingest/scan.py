@@ -4,7 +4,8 @@ A source answers two questions. What items are there, with the facts a rerun com
 (`scan`: a key, a label, a size and an mtime, nothing decoded)? And where are the bytes of
 the items still to embed (`read`: in the order asked)? Items are named by their key, which
 is what the index stores as the item's path: a file's absolute path for a folder, the
-shard's path and the member's name for a tar shard (issue 22). A source's `roots` are the
+shard's path and the member's name for a tar shard (`tar:<shard>//<member>`, see
+`mocoserve.ingest.tarsource`). A source's `roots` are the
 key prefixes it covers: a stored item under them that a scan no longer finds is removed.
 """
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from mocoserve.core.decode import ByteRange
 from mocoserve.core.errors import UserError
 from mocoserve.core.files import path_text
 from mocoserve.core.images import iter_image_files
@@ -38,14 +40,17 @@ class SourceItem:
     """An item to embed: its key, its bytes or the path of a file holding them, its facts."""
 
     key: str
-    data: bytes | str  # str: a file a decoder process reads itself (no bytes through a pipe)
+    # a file (str) or a byte range of one (a tar member) that a decoder process reads itself,
+    # no bytes through a pipe; bytes: what a stream handed over
+    data: bytes | str | ByteRange
     facts: FoundFile
 
 
 class ImageSource(Protocol):
-    """The reader stage: a folder today, tar shards tomorrow."""
+    """The reader stage: an image folder (`FolderSource`) or tar shards (`TarSource`)."""
 
     time: StageTime  # listing and stat'ing (`scan`), reading (`read`)
+    failures: list[tuple[str, str]]  # (key, reason) found wrong while listing (a cut tar)
 
     @property
     def roots(self) -> list[str]:
@@ -102,6 +107,7 @@ class FolderSource:
         self.paths = list(roots)
         self.labels_from_folders = labels_from_folders
         self.time = StageTime()
+        self.failures: list[tuple[str, str]] = []  # a file that cannot be read fails in decode
 
     @property
     def roots(self) -> list[str]:

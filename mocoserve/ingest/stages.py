@@ -9,13 +9,14 @@ index's shards. A `StageTime` per stage says where a run's time went.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import groupby
 
 import numpy as np
 
 from mocoserve.ann.factory import normalize
-from mocoserve.core.decode import Decoded, decode_bytes, decode_file, decode_files
+from mocoserve.core.decode import Decoded, decode_bytes, decode_files
 from mocoserve.index.items import NewItem
 from mocoserve.ingest.scan import SourceItem
 from mocoserve.ingest.timing import StageTime
@@ -51,40 +52,67 @@ class IngestCounts:
 class DecodeStage:
     """Items -> (item, Decoded), in order; `time` counts the wait for each decoded image.
 
-    Files are read, hashed and decoded by `workers` processes (0: in this process). Bytes a
-    source hands over (a tar member) are decoded in this process for now: the pool takes
-    paths only, and gains bytes with the tar reader (issue 22).
+    Files and byte ranges of files (a tar member) are read, hashed and decoded by `workers`
+    processes (0: in this process), each reading its own bytes; bytes a source hands over
+    (a pipe: stream's member) are decoded in this process. Items are taken as they come: a
+    streamed source is never held whole.
     """
 
-    def __init__(self, resize: int, crop: int, workers: int) -> None:
+    def __init__(
+        self, resize: int, crop: int, workers: int, interpolation: str = "bilinear"
+    ) -> None:
         self.resize, self.crop, self.workers = resize, crop, workers
+        self.interpolation = interpolation  # the package's resize filter
         self.time = StageTime()
 
-    def __call__(self, items: Sequence[SourceItem]) -> Iterator[tuple[SourceItem, Decoded]]:
-        decoded = self._decode(items)
+    def __call__(self, items: Iterable[SourceItem]) -> Iterator[tuple[SourceItem, Decoded]]:
+        for in_memory, run in groupby(items, key=lambda item: isinstance(item.data, bytes)):
+            if in_memory:
+                yield from self._timed((item, self._decode_bytes(item)) for item in run)
+            else:
+                # names and offsets only (the bytes stay in the files), so held whole
+                yield from self._timed(self._decode_files(list(run)))
+
+    def _timed(
+        self, pairs: Iterator[tuple[SourceItem, Decoded]]
+    ) -> Iterator[tuple[SourceItem, Decoded]]:
+        try:
+            while True:
+                started = time.perf_counter()
+                pair = next(pairs, None)
+                if pair is None:  # the end (the pool's processes joined) counts as a wait
+                    self.time.seconds += time.perf_counter() - started
+                    return
+                self.time.add(started, 1)
+                pair[1].path = pair[0].key
+                yield pair
+        finally:
+            pairs.close()  # type: ignore[attr-defined]
+
+    def _decode_files(self, items: list[SourceItem]) -> Iterator[tuple[SourceItem, Decoded]]:
+        decoded = decode_files(
+            [item.data for item in items],  # type: ignore[misc]
+            self.resize,
+            self.crop,
+            self.workers,
+            interpolation=self.interpolation,
+        )
         try:
             for item in items:
-                started = time.perf_counter()
-                one = next(decoded)
-                self.time.add(started, 1)
-                one.path = item.key
-                yield item, one
-            started = time.perf_counter()
-            next(decoded, None)  # the end: the pool's processes are joined
-            self.time.seconds += time.perf_counter() - started
+                yield item, next(decoded)
+            next(decoded, None)  # the pool's processes are joined
         finally:
-            decoded.close()
+            decoded.close()  # type: ignore[attr-defined]
 
-    def _decode(self, items: Sequence[SourceItem]) -> Iterator[Decoded]:
-        if all(isinstance(item.data, str) for item in items):
-            paths = [item.data for item in items]
-            yield from decode_files(paths, self.resize, self.crop, self.workers)  # type: ignore[arg-type]
-            return
-        for item in items:
-            if isinstance(item.data, str):
-                yield decode_file(item.data, self.resize, self.crop)
-            else:
-                yield decode_bytes(item.data, self.resize, self.crop, item.key, item.facts.mtime)
+    def _decode_bytes(self, item: SourceItem) -> Decoded:
+        return decode_bytes(
+            item.data,  # type: ignore[arg-type]
+            self.resize,
+            self.crop,
+            item.key,
+            item.facts.mtime,
+            interpolation=self.interpolation,
+        )
 
 
 class ModelStage:

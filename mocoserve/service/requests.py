@@ -210,7 +210,13 @@ async def decode_all(
     def timed(data: bytes) -> Decoded:
         started = time.perf_counter()
         try:
-            return decode_bytes(data, encoder.resize, encoder.input_size, max_pixels=limit)
+            return decode_bytes(
+                data,
+                encoder.resize,
+                encoder.input_size,
+                max_pixels=limit,
+                interpolation=encoder.interpolation,
+            )
         finally:
             metrics.decode_seconds.observe(time.perf_counter() - started)
 

@@ -1,13 +1,13 @@
 """GET /v1/items/{id} and /v1/items/{id}/image: an indexed item, looked up by id.
 
-Nothing from a request is used as a filesystem path: the id names a row of the index,
-and its file is served only while its bytes are still the ones embedded.
+Nothing from a request is used as a filesystem path or an offset: the id names a row of
+the index, and its file (or tar member, at the offset its shard's listing gives) is served
+only while its bytes are still the ones embedded.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import mimetypes
 import os
 from typing import Annotated, Any
@@ -19,6 +19,7 @@ from fastapi.responses import Response
 
 from mocoserve.core.files import path_text
 from mocoserve.core.images import IMAGE_EXTENSIONS
+from mocoserve.index.items import ItemGone, item_bytes
 from mocoserve.service import schemas
 from mocoserve.service.deps import ConfigDep, StateDep, served_index
 from mocoserve.service.errors import ApiError
@@ -49,11 +50,13 @@ async def item(item_id: ItemIdPath, state: StateDep, config: ConfigDep) -> schem
 
 @router.get("/v1/items/{item_id}/image", response_class=Response)
 async def item_image(item_id: ItemIdPath, state: StateDep) -> Response:
-    """The indexed file itself, by id: exactly the bytes that were embedded, or 404."""
+    """The indexed file (or tar member) itself, by id: exactly the bytes that were embedded,
+    or 404 (code gone) saying why not."""
     found = await asyncio.to_thread(lookup, served_index(state), item_id)
-    data = await asyncio.to_thread(read_indexed, found.path, found.sha256)
-    if data is None:
-        raise ApiError(404, "gone", f"item {item_id}'s file changed or is gone since embed")
+    try:
+        data = await asyncio.to_thread(item_bytes, found)
+    except ItemGone as e:
+        raise ApiError(404, "gone", f"item {item_id} cannot be served: {e}") from None
     name = os.path.basename(found.path)
     kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
     inline = kind.startswith("image/") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
@@ -77,13 +80,3 @@ def lookup(served: Served, item_id: int) -> Any:
     if found is None:
         raise ApiError(404, "unknown_id", f"no item with id {item_id}")
     return found
-
-
-def read_indexed(path: str, sha256: str) -> bytes | None:
-    """The file's bytes if they are still the ones embedded (same sha256), else None."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data if hashlib.sha256(data).hexdigest() == sha256 else None
