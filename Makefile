@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
-.PHONY: install test test-fast lint demo clean
+.PHONY: install test test-slow test-all lint demo clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +25,16 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# make test: every test but the few marked slow (2M vectors, the demo, torchrun and SIGKILL
+# runs in fresh processes); make test-slow: those; CI (.ci/run) runs both.
 test: install lint
-	$(PYTEST)
-
-test-fast: install
 	$(PYTEST) -m 'not slow'
+
+test-slow: install
+	$(PYTEST) -m slow
+
+test-all: install lint
+	$(PYTEST)
 
 demo: install
 	$(VENV)/bin/mocoserve demo --out demo-output

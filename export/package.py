@@ -151,6 +151,10 @@ def _parity(run: Any, reference: nn.Module, size: int, seed: int = 0) -> dict[st
         got = np.asarray(run(images.numpy()), dtype=np.float32)
         if got.shape != expected.shape:
             raise ExportError(f"output shape {got.shape} at batch {n}, expected {expected.shape}")
+        if not np.isfinite(expected).all():  # max()/min() below would pass NaN by
+            raise UserError("the model's own outputs hold NaN or inf: its weights are damaged")
+        if not np.isfinite(got).all():
+            raise ExportError(f"the exported file's outputs hold NaN or inf at batch {n}")
         worst_diff = max(worst_diff, float(np.abs(got - expected).max()))
         cos = (got * expected).sum(1) / (
             np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1) + 1e-12
@@ -242,9 +246,14 @@ def embedding_dim(model: nn.Module, size: int) -> int:
     """The width of the model's output at `size` px, with a clear error where it cannot run."""
     try:
         with torch.no_grad():
-            return int(model(torch.rand(1, 3, size, size)).shape[1])
+            out = model(torch.rand(1, 3, size, size))
     except (RuntimeError, AssertionError, ValueError) as e:
         raise UserError(f"the model does not take {size} x {size} images: {_why(e)}") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        is_tensor = isinstance(out, torch.Tensor)
+        shape = "x".join(map(str, out.shape)) if is_tensor else type(out).__name__
+        raise UserError(f"the model gives {shape} outputs, not one N x D embedding per image")
+    return int(out.shape[1])
 
 
 def export_checkpoint(

@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from mocoserve.core.errors import UserError
-from mocoserve.core.manifest import INTERPOLATIONS, Preprocess
+from mocoserve.core.manifest import INTERPOLATIONS, MAX_RESIZE, Preprocess
 from mocoserve.train.config import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_SIZE, DEFAULT_RESIZE = 224, 256  # torchvision's classic ImageNet evaluation
@@ -190,6 +190,8 @@ def apply_options(base: Chosen, options: PreprocessOptions) -> Chosen:
             f"interpolation {chosen.interpolation!r} ({chosen.origin}) is not one model packages "
             f"apply; give --interpolation {' or '.join(INTERPOLATIONS)}"
         )
+    if chosen.resize > MAX_RESIZE:  # serving resizes every image to it: bounded like --input-size
+        raise UserError(f"--resize must be at most {MAX_RESIZE} px, got {chosen.resize}")
     if chosen.resize < chosen.input_size:
         raise UserError(f"--resize ({chosen.resize}) must be at least the input size ({size})")
     if not all(s > 0 for s in chosen.std):

@@ -10,6 +10,7 @@ fit the architecture is one UserError naming the first few. The preprocessing co
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,11 +79,13 @@ def build(arch: str, settings: dict[str, Any] | None = None) -> Backbone:
 
 def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
     """The tensors of a weights file and the wrapper key they were under (None: top level)."""
+    if path.is_dir():
+        raise UserError(f"--weights {path} is a folder; give the state-dict file in it")
     if not path.is_file():
         raise UserError(f"weights file not found: {path}")
-    if path.suffix not in WEIGHT_SUFFIXES:
+    if path.suffix.lower() not in WEIGHT_SUFFIXES:
         raise UserError(f"--weights takes a {', '.join(WEIGHT_SUFFIXES)} file, got {path.name}")
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -92,9 +95,11 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
             raise UserError(f"{path} is not a readable safetensors file ({e})") from None
     else:
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # a plain pickle's protocol warning: not our line
+                warnings.simplefilter("ignore")
+                data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle refused (not only tensors), a damaged zip, not torch at all
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = _why_unreadable(e)
             raise UserError(
                 f"{path} is not a state dict torch.load(weights_only=True) can read ({first}); "
                 "save the model's state_dict() (torch.save or safetensors)"
@@ -113,9 +118,27 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
         raise UserError(
             f"{path}: {other!r} is not a tensor; --weights takes a model's state_dict()"
         )
+    broken = next(
+        (k for k, v in tensors.items() if v.is_floating_point() and not v.isfinite().all()), None
+    )
+    if broken is not None:
+        raise UserError(f"{path}: tensor {broken!r} holds NaN or inf; the weights are damaged")
     from timm.models import clean_state_dict
 
     return clean_state_dict(tensors), key  # DDP's module., torch.compile's _orig_mod.
+
+
+def _why_unreadable(error: Exception) -> str:
+    """torch.load's reason in a few words: the refused global, not its advice to drop the guard."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if lines[0].startswith("Weights only load failed"):
+        noise = ("Please file an issue", "Check the documentation")
+        reasons = [line for line in lines[1:] if not line.startswith(noise)]
+        # e.g. "Trying to load unsupported GLOBAL posix.system ...", "Unsupported operand 149"
+        return reasons[0] if reasons else "it holds objects that are not tensors"
+    return lines[0]
 
 
 def _shape(t: torch.Tensor | torch.Size) -> str:

@@ -261,6 +261,7 @@ def test_04_a_rerun_keeps_the_labels_and_dropping_them_is_explicit(tmp_path, mod
     assert "13 images, 0 labelled" in rerun.stdout  # and the index remembers that too
 
 
+@pytest.mark.slow  # five exports in fresh processes
 def test_05_re_export_keeps_the_users_other_files(tmp_path):
     ckpt = make_checkpoint(tmp_path / "c.pt")
     pkg = tmp_path / "model"

@@ -136,6 +136,7 @@ def test_knn_monitor_on_shards_equals_the_folder(labelled_dir, labelled_shards, 
     assert knn[0]["knn_top1"] == knn[1]["knn_top1"] and knn[0]["knn_top5"] == knn[1]["knn_top5"]
 
 
+@pytest.mark.slow  # three fresh processes; mid-epoch resume on shards is tested in-process below
 def test_sigkill_on_shards_then_resume_auto_matches_uninterrupted_run(flat_shards, tmp_path):
     args = [str(flat_shards), "--epochs", "3", "-b", "4", "-K", "10", "--bn-splits", "2"]
     args += ["--save-every", "1", "--seed", "7", *TINY[:-3], "--workers", "2", "-q"]

@@ -20,6 +20,7 @@ import yaml
 
 from mocoserve.core.decode import default_workers
 from mocoserve.core.errors import UserError
+from mocoserve.core.manifest import MAX_RESIZE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -360,6 +361,11 @@ def check_settings(cfg: TrainConfig) -> None:
         (m.queue_size >= 0, f"--queue-size must be >= 0, got {m.queue_size}"),
         (mo.dim >= 1, f"--dim must be at least 1, got {mo.dim}"),
         (mo.proj_layers >= 1, f"model.proj_layers must be at least 1, got {mo.proj_layers}"),
+        (
+            mo.hidden_dim is None or mo.hidden_dim >= 1,
+            f"model.hidden_dim must be at least 1 (or unset: the backbone's width), "
+            f"got {mo.hidden_dim}",
+        ),
         (mo.bn_splits >= 1, f"--bn-splits must be at least 1, got {mo.bn_splits}"),
         (
             o.batch_size % mo.bn_splits == 0,
@@ -369,6 +375,10 @@ def check_settings(cfg: TrainConfig) -> None:
         (
             d.eval_resize is None or d.eval_resize >= d.image_size,
             f"data.eval_resize ({d.eval_resize}) must be at least the image size",
+        ),
+        (
+            d.eval_resize is None or d.eval_resize <= MAX_RESIZE,
+            f"data.eval_resize must be at most {MAX_RESIZE} px, got {d.eval_resize}",
         ),
         (0 < d.min_crop_scale <= 1, f"min_crop_scale must be in (0, 1], got {d.min_crop_scale}"),
         (d.workers is None or d.workers >= 0, f"--workers must be >= 0, got {d.workers}"),

@@ -66,6 +66,18 @@ def resnet_names() -> list[str]:
 
 
 TIMM_PREFIX = "timm:"
+# create_model arguments that would load weights or configs from elsewhere (files, the hub)
+TIMM_RESERVED = (
+    "pretrained",
+    "num_classes",
+    "pretrained_cfg",
+    "pretrained_cfg_overlay",
+    "checkpoint_path",
+    "cache_dir",
+    "pretrained_strict",
+)
+# ... and those that change the output from pooled features to something else
+TIMM_SHAPING = ("features_only", "out_indices", "feature_cls")
 
 
 def is_timm(arch: str) -> bool:
@@ -159,12 +171,23 @@ def _timm_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
 
     name = cfg.arch[len(TIMM_PREFIX) :]
     kwargs = dict(cfg.timm_kwargs)
-    for reserved in ("pretrained", "num_classes", "pretrained_cfg_overlay"):
+    for reserved in TIMM_RESERVED:
         if reserved in kwargs:
             raise UserError(f"model.timm_kwargs cannot set {reserved!r}; weights come from a file")
+    for shaping in TIMM_SHAPING:
+        if shaping in kwargs:
+            raise UserError(
+                f"model.timm_kwargs cannot set {shaping!r}: features are timm's pooled N x D output"
+            )
+    for rate in (k for k in kwargs if "drop" in k and k.endswith("_rate")):  # drop_path_rate, …
+        value = kwargs[rate]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+            raise UserError(f"model.timm_kwargs {rate} must be from 0 to below 1, got {value!r}")
+    if "global_pool" in kwargs and not kwargs["global_pool"]:
+        raise UserError("model.timm_kwargs global_pool must pool (e.g. avg, token): not empty")
     try:
         net = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+    except Exception as e:  # any failure to build from the user's kwargs is theirs to fix
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"timm cannot build {name} with timm_kwargs {kwargs}: {first}") from None
     if cfg.small_stem:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from mocoserve.core import tars
 from mocoserve.core.images import TooManyPixels, decode_image, header_pixels, resize_crop
 
 # JPEG draft decoding (DCT-domain downscaling) only down to 4x the resize target: the
@@ -72,6 +73,7 @@ class ByteRange:
     offset: int
     size: int
     mtime: int
+    member: str | None = None  # the tar member's name, checked against its header
 
 
 def read_range(part: ByteRange) -> bytes:
@@ -79,10 +81,8 @@ def read_range(part: ByteRange) -> bytes:
     with open(part.path, "rb") as f:
         if os.fstat(f.fileno()).st_mtime_ns != part.mtime:
             raise OSError(f"{part.path} changed since it was listed")
-        data = os.pread(f.fileno(), part.size, part.offset)
-    if len(data) != part.size:
-        raise OSError(f"{part.path} ends before byte {part.offset + part.size}")
-    return data
+        # the member's header is read and checked with its data: never another member's bytes
+        return tars.pread_member(f.fileno(), part.path, part.offset, part.size, part.member)
 
 
 def decode_file(

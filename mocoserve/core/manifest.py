@@ -29,6 +29,7 @@ _PREPROCESS_EXTRAS = ("interpolation", "mean", "std", "folded", "input")
 # The resize filters serving applies (Pillow's, as torchvision's and timm's eval transforms on
 # PIL images): a package recording another is refused rather than served with the wrong one.
 INTERPOLATIONS = ("bilinear", "bicubic")
+MAX_RESIZE = 8192  # px of the shorter side serving resizes every image to (2x the largest input)
 SPEC_KEY = "mocoserve.spec"  # ONNX metadata_props key / TorchScript extra file of the spec
 
 
@@ -114,6 +115,16 @@ class Manifest:
         pre = d.get("preprocess")
         if not isinstance(pre, dict):
             raise UserError(f"{where}: preprocess must be an object")
+        for key in ("source", "parity"):
+            if not isinstance(d.get(key) or {}, dict):
+                raise UserError(f"{where}: {key} must be an object")
+        for name, p in (d.get("parity") or {}).items():
+            numbers = isinstance(p, dict) and all(
+                isinstance(p.get(k), int | float) and not isinstance(p.get(k), bool)
+                for k in ("max_abs_diff", "min_cosine")
+            )
+            if isinstance(p, dict) and not numbers:
+                raise UserError(f"{where}: parity.{name} must hold max_abs_diff and min_cosine")
         try:
             manifest = cls(
                 embedding_dim=_positive_int(d, "embedding_dim", where),
@@ -144,6 +155,8 @@ class Manifest:
             )
         if manifest.preprocess.resize < manifest.input_size:
             raise UserError(f"{where}: preprocess.resize is smaller than input_size")
+        if manifest.preprocess.resize > MAX_RESIZE:
+            raise UserError(f"{where}: preprocess.resize is over {MAX_RESIZE} px")
         if manifest.preprocess.interpolation not in INTERPOLATIONS:
             raise UserError(
                 f"{where}: preprocess.interpolation {manifest.preprocess.interpolation!r} is not "

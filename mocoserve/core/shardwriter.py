@@ -75,6 +75,8 @@ def write_shards(
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {path_text(out)} exists and is not a folder")
+    if out.resolve() == root.resolve():
+        raise UserError(f"--out {path_text(out)} is the image folder itself; give another folder")
     sources, skipped = _sources(root, out, labels_from_folders)
     if not sources:
         raise UserError(f"{path_text(root)} holds no image files")
@@ -117,9 +119,11 @@ def _sources(
     """The folder's image files in the folder reader's order (so a set lists as the folder
     scans), and the other files, skipped."""
     inside = out.resolve()
+    # --out below the folder is left out of it; --out above it holds it, and is not
+    below = inside.is_relative_to(root.resolve())
     found, skipped = [], []
     for path in iter_image_files(root):
-        if path.resolve().is_relative_to(inside):
+        if below and path.resolve().is_relative_to(inside):
             continue
         parts = path.relative_to(root).parts
         # ImageFolder's label, as the folder reader gives it: the top-level folder

@@ -185,8 +185,13 @@ def read_shard_list(path: str | os.PathLike) -> list[str]:
     shards = []
     for e in entries:
         url = e["url"]
-        shard = url if url.startswith(PIPE) else str((p.parent / url).resolve())
-        if not url.startswith(PIPE) and not Path(shard).is_file():
+        if url.startswith(PIPE):  # a data file never runs a shell command
+            raise UserError(
+                f"{path_text(p)} lists {url!r}: a shard list names files; give pipe: "
+                "commands on the command line"
+            )
+        shard = str((p.parent / url).resolve())
+        if not Path(shard).is_file():
             raise UserError(f"{path_text(p)} lists {url}, which does not exist")
         shards.append(shard)
     return shards
@@ -263,19 +268,26 @@ def _scan_members(
 ) -> None:
     """Group a tar's members into samples, in order; the data of small label parts is read."""
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    dup: set[str] = set()
     try:
         for info in tar:  # the headers only: tarfile seeks over each member's data
             if not info.isfile():
                 continue
             key, part = sample_key(info.name)
             if part:
-                groups.setdefault(key, {})[part] = info
+                parts = groups.setdefault(key, {})
+                if part in parts:  # which copy is the sample's is unknowable: neither is
+                    dup.add(key)
+                parts[part] = info
         if not _ends_cleanly(tar):
             listing.failures.append((listing.shard, "truncated tar (no end-of-archive marker)"))
     except (tarfile.ReadError, EOFError, OSError) as e:
         listing.failures.append((listing.shard, f"truncated or damaged tar ({_first_line(e)})"))
     size = listing.size
     for key, parts in groups.items():
+        if key in dup:
+            listing.failures.append((key, "the tar holds this sample's members more than once"))
+            continue
         image = next((p for p in parts if _is_image_part(p)), None)
         if image is None:
             listing.failures.append((key, f"no image part (has {', '.join(sorted(parts))})"))
@@ -312,7 +324,7 @@ def _label(
             value = _json_label(_member_bytes(tar, parts["json"]), label_key or "label")
             if value is not None or label_key is not None:
                 return value
-        if label_key is None and "cls" in parts:
+        if label_key is None and "cls" in parts and parts["cls"].size <= MAX_JSON_BYTES:
             return _member_bytes(tar, parts["cls"]).decode("utf-8").strip() or None
     except (UnicodeDecodeError, json.JSONDecodeError, OSError, tarfile.TarError) as e:
         listing.failures.append((key, f"unreadable label part ({_first_line(e)})"))
@@ -332,15 +344,39 @@ def _member_bytes(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
     return f.read()
 
 
-def read_member(shard: str, offset: int, size: int) -> bytes:
+def read_member(shard: str, offset: int, size: int, member: str | None = None) -> bytes:
     """The `size` bytes at `offset` of a local shard; a short read is an OSError (a shard
     cut or replaced since it was listed), never truncated bytes."""
     with open(shard, "rb") as f:
-        f.seek(offset)
-        data = f.read(size)
-    if len(data) != size:
+        return pread_member(f.fileno(), shard, offset, size, member)
+
+
+def pread_member(fd: int, shard: str, offset: int, size: int, member: str | None = None) -> bytes:
+    """A member's data read with its header, in one pread: an OSError unless the block
+    before `offset` is a regular member's header of `size` bytes (and, where the name fits a
+    plain header, named `member`). An index tampered with, or a shard rewritten at the same
+    size, points elsewhere: refused, never other bytes."""
+    if not _whole(offset, size) or offset < tarfile.BLOCKSIZE:
+        raise OSError(f"{shard}: no member's data can start at offset {offset}")
+    data = os.pread(fd, size + tarfile.BLOCKSIZE, offset - tarfile.BLOCKSIZE)
+    if len(data) != size + tarfile.BLOCKSIZE:
         raise OSError(f"{shard}: {size} bytes at offset {offset} are past the end of the tar")
-    return data
+    if not _header_names(data[: tarfile.BLOCKSIZE], size, member):
+        what = member if member is not None else f"a {size}-byte member"
+        raise OSError(f"{shard}: offset {offset} is not {what}'s data (the shard changed)")
+    return data[tarfile.BLOCKSIZE :]
+
+
+def _header_names(block: bytes, size: int, member: str | None) -> bool:
+    try:
+        info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")  # checks its checksum
+    except tarfile.HeaderError:
+        return False
+    # pax moves a size over 8 GiB, and a long or non-ASCII name, into an extension header
+    sized = info.size == size or (info.size == 0 and size >= 8**11)
+    plain = member is None or len(member.encode("utf-8", "surrogateescape")) > 99
+    named = plain or not member.isascii() or info.name == member
+    return info.isfile() and sized and named
 
 
 def write_index(shard: str | os.PathLike, samples: Sequence[TarSample]) -> Path:
@@ -356,6 +392,10 @@ def write_index(shard: str | os.PathLike, samples: Sequence[TarSample]) -> Path:
     path = index_path(shard)
     _write_json(path, data)
     return path
+
+
+def _whole(*values: Any) -> bool:
+    return all(type(v) is int and v >= 0 for v in values)  # bool is no offset
 
 
 def _samples_from_index(shard: str, idx: Path, size: int) -> list[TarSample]:
@@ -376,8 +416,12 @@ def _samples_from_index(shard: str, idx: Path, size: int) -> list[TarSample]:
     samples = []
     try:
         for key, member, offset, length, label in rows:  # type: ignore[union-attr]
-            ok = isinstance(key, str) and isinstance(member, str) and isinstance(offset, int)
-            if not ok or not isinstance(length, int) or offset < 0 or offset + length > size:
+            ok = isinstance(key, str) and isinstance(member, str) and _whole(offset, length)
+            ok = ok and (label is None or isinstance(label, str))
+            # a member's data starts on a block, after its header
+            if not ok or offset < tarfile.BLOCKSIZE or offset % tarfile.BLOCKSIZE:
+                raise ValueError(key)
+            if offset + length > size:
                 raise ValueError(key)
             samples.append(TarSample(shard, key, member, offset, length, label))
     except (TypeError, ValueError):

@@ -105,7 +105,7 @@ def member_bytes(
     where = _member_offsets(shard, st.st_size, st.st_mtime_ns).get(member)
     if where is None or (size is not None and where[1] != size):
         raise ItemGone("its tar shard no longer holds it")
-    return tars.read_member(shard, *where)
+    return tars.read_member(shard, *where, member)
 
 
 @functools.lru_cache(maxsize=64)

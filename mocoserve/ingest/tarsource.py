@@ -79,7 +79,9 @@ class TarSource:
                 key = tars.item_key(shard, sample.member)
                 label = sample.label if self.labels else None
                 found[key] = FoundFile(key, label, sample.size, listing.mtime)
-                self._ranges[key] = ByteRange(shard, sample.offset, sample.size, listing.mtime)
+                self._ranges[key] = ByteRange(
+                    shard, sample.offset, sample.size, listing.mtime, sample.member
+                )
         self.time.add(started, len(found))
         return list(found.values())
 

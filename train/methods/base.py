@@ -49,6 +49,11 @@ class Method(nn.Module):
         asked = self.shuffles_bn and cfg.method.shuffle_bn
         # known only once the net is built: timm:<name> may be a ViT (LayerNorm) or a BN net
         self.shuffle_bn = asked and has_batchnorm(self.query_encoder)
+        if not self.has_queue and cfg.method.queue_size > 0:
+            self.notes.append(
+                f"{cfg.method.name} keeps no queue of keys: --queue-size "
+                f"{cfg.method.queue_size} does nothing here"
+            )
         if asked and not self.shuffle_bn:
             self.notes.append(
                 f"shuffled BN is off: {cfg.model.arch} has no BatchNorm (method.shuffle_bn "

@@ -87,6 +87,15 @@ class MoCoV3(Method):
         return encoder
 
     @classmethod
+    def check_config(cls, cfg: TrainConfig) -> None:
+        super().check_config(cfg)
+        if cfg.optim.batch_size < 2:  # the MLPs' BatchNorm1d cannot train on one sample
+            raise UserError(
+                f"moco-v3 needs --batch-size of at least 2 per process (BatchNorm in its MLPs), "
+                f"got {cfg.optim.batch_size}"
+            )
+
+    @classmethod
     def adopt_config(cls, cfg: TrainConfig, explicit: dict[str, Any]) -> None:
         """The registry's ViT or ResNet recipe, by the backbone, where not set explicitly."""
         from mocoserve.train.config import apply_overrides
