@@ -5,9 +5,6 @@ augmentation, frozen patch projection, LARS, and exact resume after SIGKILL."""
 import itertools
 import json
 import math
-import os
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,7 @@ from mocoserve.train.losses import moco_v3_loss, moco_v3_symmetric_loss
 from mocoserve.train.methods import METHODS, MoCoV3, build_method
 from mocoserve.train.methods.mocov3 import momentum_at
 from mocoserve.train.trainer import Trainer, prepare_config
-from tests.test_train_cli import _cli, _wait_for, assert_user_error, train
+from tests.test_train_cli import assert_user_error, sigkill_then_resume, train
 
 pytest.importorskip("timm")
 
@@ -296,33 +293,7 @@ def test_resnet18_small_stem_uses_lars_without_adapting_biases_and_norms(flat_di
 def test_sigkill_then_resume_auto_matches_uninterrupted_run(flat_dir, tmp_path):
     args = [str(flat_dir), *VIT, *COMMON, "--epochs", "3", "-b", "4", "--save-every", "1"]
     args += ["--seed", "7"]
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    clean = subprocess.run(
-        _cli(*args, "--out", str(tmp_path / "clean")), env=env, capture_output=True, text=True
-    )
-    assert clean.returncode == 0, clean.stderr
-    killed_out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _cli(*args, "--out", str(killed_out)),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    _wait_for(killed_out / "checkpoints" / "epoch_0001.pt", proc)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed_out / "checkpoints" / "epoch_0003.pt").exists()
-    resumed = subprocess.run(
-        _cli(*args, "--out", str(killed_out), "--resume", "auto"),
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stderr
-    a = checkpoint.load(tmp_path / "clean" / "checkpoints" / "last.pt")
-    b = checkpoint.load(killed_out / "checkpoints" / "last.pt")
+    a, b = sigkill_then_resume(args, tmp_path)
     assert a["train_state"]["step"] == b["train_state"]["step"] == 18
     assert any(k.startswith("key_encoder.head.") for k in a["model"])
     for key in a["model"]:  # both encoders, the MLPs' BN statistics

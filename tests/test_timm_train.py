@@ -3,9 +3,7 @@ split BN where the net has BatchNorm, exact resume, two gloo processes, one-line
 
 import json
 import math
-import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +17,12 @@ from mocoserve.train import checkpoint
 from mocoserve.train.config import ModelConfig, TrainConfig
 from mocoserve.train.methods import build_method
 from mocoserve.train.models import SplitBatchNorm, SplitBatchNormAct, build_backbone
-from tests.test_train_cli import _cli, _wait_for, assert_user_error, runner, train
+from tests.test_train_cli import (
+    assert_user_error,
+    runner,
+    sigkill_then_resume,
+    train,
+)
 
 pytest.importorskip("timm")
 
@@ -185,33 +188,7 @@ def test_vit_mid_epoch_stop_and_resume_is_exact(flat_dir, tmp_path):
 def test_vit_sigkill_then_resume_auto_matches_uninterrupted_run(flat_dir, tmp_path):
     args = [str(flat_dir), "--epochs", "3", "-b", "4", "-K", "10", "--save-every", "1"]
     args += ["--seed", "7", *VIT, *COMMON]
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    clean = subprocess.run(
-        _cli(*args, "--out", str(tmp_path / "clean")), env=env, capture_output=True, text=True
-    )
-    assert clean.returncode == 0, clean.stderr
-    killed_out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _cli(*args, "--out", str(killed_out)),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    _wait_for(killed_out / "checkpoints" / "epoch_0001.pt", proc)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed_out / "checkpoints" / "epoch_0003.pt").exists()
-    resumed = subprocess.run(
-        _cli(*args, "--out", str(killed_out), "--resume", "auto"),
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stderr
-    a = checkpoint.load(tmp_path / "clean" / "checkpoints" / "last.pt")
-    b = checkpoint.load(killed_out / "checkpoints" / "last.pt")
+    a, b = sigkill_then_resume(args, tmp_path)
     assert a["train_state"]["step"] == b["train_state"]["step"] == 18
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key

@@ -309,26 +309,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def test_sigkill_then_resume_auto_matches_uninterrupted_run(flat_dir, tmp_path):
-    args = [
-        str(flat_dir),
-        "--epochs",
-        "3",
-        "-b",
-        "4",
-        "-K",
-        "10",
-        "--bn-splits",
-        "2",
-        "--save-every",
-        "1",
-        "--seed",
-        "7",
-        *TINY[:-3],
-        "--workers",
-        "2",
-        "-q",
-    ]
+def sigkill_then_resume(args: list[str], tmp_path: Path) -> tuple[dict, dict]:
+    """Train `args` uninterrupted, and again SIGKILLed after epoch 1 then `--resume auto`
+    (3 epochs, saved each); the two last.pt checkpoints, loaded."""
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     clean = subprocess.run(
         _cli(*args, "--out", str(tmp_path / "clean")), env=env, capture_output=True, text=True
@@ -354,8 +337,33 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(flat_dir, tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr
-    a = checkpoint.load(tmp_path / "clean" / "checkpoints" / "last.pt")
-    b = checkpoint.load(killed_out / "checkpoints" / "last.pt")
+    return (
+        checkpoint.load(tmp_path / "clean" / "checkpoints" / "last.pt"),
+        checkpoint.load(killed_out / "checkpoints" / "last.pt"),
+    )
+
+
+def test_sigkill_then_resume_auto_matches_uninterrupted_run(flat_dir, tmp_path):
+    args = [
+        str(flat_dir),
+        "--epochs",
+        "3",
+        "-b",
+        "4",
+        "-K",
+        "10",
+        "--bn-splits",
+        "2",
+        "--save-every",
+        "1",
+        "--seed",
+        "7",
+        *TINY[:-3],
+        "--workers",
+        "2",
+        "-q",
+    ]
+    a, b = sigkill_then_resume(args, tmp_path)
     assert a["train_state"]["step"] == b["train_state"]["step"] == 18
     for key in a["model"]:  # weights, BN statistics, key encoder, queue and its pointer
         assert torch.equal(a["model"][key], b["model"][key]), key

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -23,7 +21,7 @@ from mocoserve.core import tars
 from mocoserve.core.images import iter_image_files
 from mocoserve.train import checkpoint
 from mocoserve.train.data import ImageDataset, ShardIndex, scan_data, scan_folder
-from tests.test_train_cli import TINY, _cli, _wait_for, assert_user_error
+from tests.test_train_cli import TINY, assert_user_error, sigkill_then_resume
 
 runner = CliRunner()
 
@@ -140,29 +138,8 @@ def test_knn_monitor_on_shards_equals_the_folder(labelled_dir, labelled_shards, 
 def test_sigkill_on_shards_then_resume_auto_matches_uninterrupted_run(flat_shards, tmp_path):
     args = [str(flat_shards), "--epochs", "3", "-b", "4", "-K", "10", "--bn-splits", "2"]
     args += ["--save-every", "1", "--seed", "7", *TINY[:-3], "--workers", "2", "-q"]
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    clean = subprocess.run(
-        _cli(*args, "--out", str(tmp_path / "clean")), env=env, capture_output=True, text=True
-    )
-    assert clean.returncode == 0, clean.stderr
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _cli(*args, "--out", str(killed)), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    _wait_for(killed / "checkpoints" / "epoch_0001.pt", proc)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "checkpoints" / "epoch_0003.pt").exists()
-    resumed = subprocess.run(
-        _cli(*args, "--out", str(killed), "--resume", "auto"),
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stderr
-    models_equal(tmp_path / "clean", killed)
+    sigkill_then_resume(args, tmp_path)
+    models_equal(tmp_path / "clean", tmp_path / "killed")
 
 
 def test_mid_epoch_stop_on_shards_resumes_exactly(flat_dir, flat_shards, tmp_path):
