@@ -42,6 +42,10 @@ class DataConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     workers: int | None = None  # None: the cores this process may use, at most 8
+    # pipe: shards (streamed, train/stream.py): samples each data worker holds to shuffle,
+    # and seconds without a byte from a pipe: command before it is stopped
+    shuffle_buffer: int = 2000
+    stream_timeout: float = 300.0
 
     def resolved_eval_resize(self) -> int:
         if self.eval_resize is not None:
@@ -82,9 +86,9 @@ class MethodConfig:
     base_temperature: float = 0.07  # SupCon only
     contrast_mode: Literal["all", "one"] = "all"  # SupCon anchors
     pretrained: str | None = None  # linear probe only: the pretraining checkpoint
-    # moco-v3: keep ViT's random patch projection frozen (Chen et al. 2021, sec. 4.1);
-    # backbones without a patch_embed have nothing to freeze
-    freeze_patch_embed: bool = True
+    # moco-v3: keep ViT's random patch projection frozen (Chen et al. 2021, sec. 4.1); on in
+    # its ViT recipe. Set true elsewhere (another method, a net without a patch_embed): refused
+    freeze_patch_embed: bool = False
 
 
 @dataclass
@@ -383,6 +387,8 @@ def check_settings(cfg: TrainConfig) -> None:
         (0 < d.min_crop_scale <= 1, f"min_crop_scale must be in (0, 1], got {d.min_crop_scale}"),
         (d.workers is None or d.workers >= 0, f"--workers must be >= 0, got {d.workers}"),
         (all(s > 0 for s in d.std), f"data.std must be positive, got {list(d.std)}"),
+        (d.shuffle_buffer >= 1, f"data.shuffle_buffer must be at least 1, got {d.shuffle_buffer}"),
+        (d.stream_timeout > 0, f"data.stream_timeout must be positive, got {d.stream_timeout}"),
         (r.save_every >= 1, "save_every must be at least 1"),
         (r.save_minutes > 0, "save_minutes must be positive"),
         (r.knn_every >= 1, "knn_every must be at least 1"),

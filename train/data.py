@@ -147,21 +147,27 @@ def scan_shards(
 
     `label_key`: the json field holding each sample's label (img2dataset's metadata). A
     listing problem (a truncated tar, a sample without an image) is one warning per shard and
-    the rest is used; a missing shard, or one whose index no longer matches it, is an error.
+    the rest is used; a missing shard, one whose index no longer matches it, or one that
+    lists another number of samples than its shards.json records, is an error.
     """
     shards = tars.expand([spec])
     streamed = [s for s in shards if s.startswith(tars.PIPE)]
     if streamed:
         raise UserError(
-            f"train reads shards by offset and cannot train from a pipe: stream ({streamed[0]});"
-            " copy the shards to a local or network file system and give their paths"
+            f"--val reads its shards by offset, and a pipe: stream has none ({streamed[0]}); "
+            "copy the val shards to a local or network file system and give their paths"
         )
+    counts = tars.listed_counts([spec])  # shards.json's nsamples: a listing must agree
     shard_of, offsets, sizes = [], [], []
     names: list[str | None] = []
     first_missing: tars.TarSample | None = None  # named by a --label-key error
+
+    def listed(shard: str) -> tars.ShardListing:
+        return tars.list_shard(shard, label_key, nsamples=counts.get(shard))
+
     with ThreadPoolExecutor(min(LIST_THREADS, len(shards))) as pool:
         # in order; each listing becomes three arrays and is let go (no object per image)
-        for n, listing in enumerate(pool.map(lambda s: tars.list_shard(s, label_key), shards)):
+        for n, listing in enumerate(pool.map(listed, shards)):
             _warn_listing(listing)
             rows = listing.samples
             shard_of.append(np.full(len(rows), n, np.int32))
@@ -289,6 +295,16 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def seeded_transform(transform: Callable, image: Image.Image, seed: int, epoch: int, index: int):
+    """`transform(image)` seeded by sample `index` of `epoch` (torch's and Python's random
+    state; torch's restored after): the same views whichever process or resume draws them."""
+    sample = _sample_seed(seed, epoch, index)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sample)
+        random.seed(sample)
+        return transform(image)
+
+
 class ImageDataset(Dataset):
     """Decodes one image and applies `transform` under a seed of (seed, epoch, index).
 
@@ -337,11 +353,8 @@ class ImageDataset(Dataset):
                 continue
             for reason in skipped:
                 print(f"warning: skipping unreadable image {reason}", file=sys.stderr)
-            seed = _sample_seed(self.seed, epoch, index)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                random.seed(seed)
-                return self.transform(image), int(self.labels[i])
+            views = seeded_transform(self.transform, image, self.seed, epoch, index)
+            return views, int(self.labels[i])
         raise UserError(
             f"no image could be decoded in {min(n, MAX_DECODE_ATTEMPTS)} tries in a row"
             + (f" (the last: {skipped[-1]})" if skipped else "")
@@ -444,7 +457,7 @@ def _ignore_preemption_signals(_worker_id: int) -> None:
 
 def make_loader(
     dataset: Dataset,
-    sampler: Sampler,
+    sampler: Sampler | None,
     batch_size: int,
     workers: int,
     pin_memory: bool,

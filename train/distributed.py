@@ -10,11 +10,15 @@ import datetime
 import gc
 import inspect
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from mocoserve.core.errors import UserError
+
+T = TypeVar("T")
 
 # torch 2.14 renamed all_gather_into_tensor; keep working on the releases before it
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -142,6 +146,24 @@ def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_distributed():
         dist.broadcast(tensor, src=src)
     return tensor
+
+
+def from_rank0(compute: Callable[[], T]) -> T:
+    """`compute()` on rank 0, its result (picklable) on every rank; an error there is the
+    same UserError on every rank (no rank is left waiting)."""
+    if not is_distributed():
+        return compute()
+    box: list[Any] = [None]
+    if rank() == 0:
+        try:
+            box[0] = ("ok", compute())
+        except UserError as e:
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -78,6 +80,20 @@ TIMM_RESERVED = (
 )
 # ... and those that change the output from pooled features to something else
 TIMM_SHAPING = ("features_only", "out_indices", "feature_cls")
+# size arguments (an int, or one per stage) far beyond any real net: refused before a build,
+# which for a depth of 100000 would take minutes even without weights (ViT-22B: depth 48,
+# width 6144, 48 heads)
+TIMM_BOUNDS = {
+    "depth": 1000,
+    "depths": 1000,
+    "layers": 1000,
+    "num_layers": 1000,
+    "embed_dim": 65536,
+    "embed_dims": 65536,
+    "dims": 65536,
+    "width": 65536,
+    "num_heads": 4096,
+}
 
 
 def is_timm(arch: str) -> bool:
@@ -185,17 +201,78 @@ def _timm_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
             raise UserError(f"model.timm_kwargs {rate} must be from 0 to below 1, got {value!r}")
     if "global_pool" in kwargs and not kwargs["global_pool"]:
         raise UserError("model.timm_kwargs global_pool must pool (e.g. avg, token): not empty")
+    _check_sizes(kwargs)
+    on_meta = torch.get_default_device().type == "meta"
+    if not on_meta:  # its layers without weights first (well under a second): will it fit?
+        try:
+            with torch.device("meta"):
+                probe = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        except Exception:  # a net that cannot be built on meta: the real build says why
+            probe = None
+        if probe is not None:
+            _check_weights(cfg.arch, kwargs, probe)
     try:
         net = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     except Exception as e:  # any failure to build from the user's kwargs is theirs to fix
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, MemoryError) or "out of memory" in first or "can't allocate" in first:
+            raise UserError(
+                f"building {cfg.arch} with timm_kwargs {kwargs} ran out of memory: {first}"
+            ) from None
         raise UserError(f"timm cannot build {name} with timm_kwargs {kwargs}: {first}") from None
+    if on_meta:
+        _check_weights(cfg.arch, kwargs, net)
     if cfg.small_stem:
         raise UserError(
             "model.small_stem is for torchvision ResNets; size timm models with "
             "model.timm_kwargs (img_size, patch_size)"
         )
     return net, int(net.num_features)
+
+
+def _check_sizes(kwargs: dict) -> None:
+    """A UserError for a size argument beyond TIMM_BOUNDS (an int, or each of a list's)."""
+    for key, bound in TIMM_BOUNDS.items():
+        value = kwargs.get(key)
+        values = value if isinstance(value, list | tuple) else [value]
+        big = [v for v in values if type(v) is int and v > bound]
+        if big:
+            raise UserError(
+                f"model.timm_kwargs {key}: {value!r} is far beyond any real net (at most "
+                f"{bound}{' each' if isinstance(value, list | tuple) else ''}); it would not "
+                "fit in memory"
+            )
+
+
+def _check_weights(arch: str, kwargs: dict, net: nn.Module) -> None:
+    """A UserError when the net's weights (built on meta: no memory) exceed half the
+    machine's memory: a run holds at least two copies (query and key encoders, or the net
+    and the checkpoint it loads), so it could only end killed, without a word."""
+    need = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
+    have = _machine_memory()
+    if have and need > have // 2:
+        raise UserError(
+            f"building {arch} with timm_kwargs {kwargs} needs {need / 2**30:.1f} GiB for its "
+            f"weights alone, over half of this machine's {have / 2**30:.1f} GiB of memory; "
+            "make it smaller"
+        )
+
+
+def _machine_memory() -> int:
+    """Bytes of memory this process may use: the machine's, or its cgroup's limit if lower
+    (0 when unknown)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 0
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and (not total or int(text) < total):
+            total = int(text)
+    return total
 
 
 def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:

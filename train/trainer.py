@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from mocoserve.core import tars
 from mocoserve.core.errors import UserError
 from mocoserve.train import distributed
 from mocoserve.train.augment import (
@@ -54,6 +55,7 @@ from mocoserve.train.evaluate import Evaluator
 from mocoserve.train.methods import build_method, get_spec
 from mocoserve.train.metrics import MetricsLog
 from mocoserve.train.optim import build_optimizer
+from mocoserve.train.stream import StreamDataset, StreamIndex, StreamPlan, scan_streams
 
 
 @dataclass
@@ -214,7 +216,18 @@ class Trainer:
         if self.channels_last:
             self.method.to(memory_format=torch.channels_last)
 
-        self.sampler = EpochSampler(len(self.train_index), cfg.optim.batch_size, cfg.run.seed)
+        self.sampler: EpochSampler | StreamPlan
+        if isinstance(self.train_index, StreamIndex):  # pipe: shards: read front to back
+            d = cfg.data
+            self.sampler = StreamPlan(
+                self.train_index.counts,
+                cfg.optim.batch_size,
+                cfg.run.seed,
+                d.resolved_workers(),
+                d.shuffle_buffer,
+            )
+        else:
+            self.sampler = EpochSampler(len(self.train_index), cfg.optim.batch_size, cfg.run.seed)
         self.steps_per_epoch = self.sampler.batches_per_epoch
         self.lr = cfg.optim.lr * self.global_batch / cfg.optim.lr_batch
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
@@ -273,9 +286,19 @@ class Trainer:
     def channels_last(self) -> bool:
         return self.device.type == "cuda" and self.cfg.run.channels_last
 
-    def _scan(self) -> tuple[DataIndex, DataIndex | None]:
+    def _scan(self) -> tuple[DataIndex | StreamIndex, DataIndex | None]:
         d = self.cfg.data
-        train_index = scan_data(d.root, label_key=d.label_key)
+        shards = tars.expand([d.root]) if is_shards(d.root) else []
+        train_index: DataIndex | StreamIndex
+        if any(s.startswith(tars.PIPE) for s in shards):
+            if d.val and self.spec.cls.trains_encoder:
+                raise UserError(
+                    "--val: the k-NN monitor searches the training images by offset, and pipe: "
+                    "shards have none; drop --val and run mocoserve knn on the exported package"
+                )
+            train_index = scan_streams(d.root, shards, self.out_dir, d.label_key, d.stream_timeout)
+        else:
+            train_index = scan_data(d.root, label_key=d.label_key)
         val_index = None
         if d.val:
             classes = train_index.classes if train_index.labelled else None
@@ -285,7 +308,7 @@ class Trainer:
                     f"--val {d.val} must be a labelled folder (class/image) or labelled shards"
                 )
         if self.spec.cls.needs_labels and not train_index.labelled:
-            if isinstance(train_index, ShardIndex):
+            if isinstance(train_index, ShardIndex | StreamIndex):
                 raise UserError(
                     f"{self.spec.name} needs labels, but {train_index.unlabelled} of "
                     f"{len(train_index)} samples of {train_index.root} have none (a json "
@@ -317,10 +340,25 @@ class Trainer:
     def _train_loader(self) -> torch.utils.data.DataLoader:
         cfg = self.cfg
         views = [GeometricView(cfg.data)] if self.gpu_augment else train_views(cfg.data)
+        transform = MultiView(views, self.method.num_views)
+        if isinstance(self.sampler, StreamPlan):
+            assert isinstance(self.train_index, StreamIndex)
+            streamed = StreamDataset(
+                self.train_index, self.sampler, transform, cfg.data.stream_timeout
+            )
+            return make_loader(
+                streamed,
+                None,
+                cfg.optim.batch_size,
+                self.sampler.loader_workers,
+                pin_memory=self.device.type == "cuda",
+                drop_last=True,
+                persistent=False,  # each epoch's workers are made with its epoch and position
+            )
         dataset = ImageDataset(
             self.train_index.files,
             self.train_index.labels,
-            MultiView(views, self.method.num_views),
+            transform,
             cfg.run.seed,
         )
         return make_loader(

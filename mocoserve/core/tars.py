@@ -11,7 +11,8 @@ the shard's size and every sample's key, image member, data offset, size and lab
 list of the set (`shards.json`, in wids's shard-list format, with each shard's sample count),
 so training knows the length without reading the tars and a served item is read by offset.
 A shard without an index (img2dataset's) is listed by reading its member headers (tarfile
-seeks over the data); an index whose shard has changed size is refused by name.
+seeks over the data); an index whose shard has changed size is refused by name, and so is a
+shard that lists another number of samples than shards.json records for it.
 
 An indexed tar item is named by one text key, `tar:<shard>//<member>` (`item_key`): the
 folder reader's keys are absolute paths, so it never makes one; a resolved shard path never
@@ -38,13 +39,13 @@ from typing import Any
 from mocoserve.core.errors import UserError
 from mocoserve.core.files import path_text
 from mocoserve.core.images import IMAGE_EXTENSIONS
+from mocoserve.core.streams import PIPE, STALL_SECONDS, finish, open_stream
 
 INDEX_SUFFIX = ".idx.json"  # beside the shard: shard-000000.tar.idx.json
 SHARD_LIST = "shards.json"  # the set: wids's shard-list format
 INDEX_KIND = "mocoserve-shard-index"
 INDEX_VERSION = 1
 WIDS_KIND = "wids-shard-index-v1"
-PIPE = "pipe:"
 KEY_PREFIX = "tar:"  # an item key from a shard: tar:<shard>//<member>
 KEY_SEP = "//"
 # a json member larger than this is not a label record (img2dataset's are ~1 KiB)
@@ -175,7 +176,36 @@ def _local_shards(path: Path) -> list[str]:
 
 def read_shard_list(path: str | os.PathLike) -> list[str]:
     """The shards a shards.json lists (wids's format; urls relative to its folder)."""
-    p = Path(path)
+    return [shard for shard, _ in _shard_entries(Path(path))]
+
+
+def shard_list_counts(path: str | os.PathLike) -> dict[str, int]:
+    """shard -> the sample count a shards.json records for it (its `nsamples`); a shard
+    listed without one (another tool's list) is left out."""
+    return {shard: n for shard, n in _shard_entries(Path(path)) if _whole(n)}
+
+
+def listed_counts(specs: Sequence[str | os.PathLike]) -> dict[str, int]:
+    """shard -> its `nsamples`, for each shard that a shards.json among the inputs (or in a
+    folder they name) lists with a count, as `expand` finds the lists; {} when none does."""
+    import braceexpand
+
+    counts: dict[str, int] = {}
+    for spec in specs:
+        text = str(spec)
+        if text.startswith(PIPE):
+            continue
+        for item in braceexpand.braceexpand(text):
+            p = Path(item)
+            listed = p / SHARD_LIST if p.is_dir() else p if p.name == SHARD_LIST else None
+            if listed is not None and listed.is_file():
+                for shard, n in shard_list_counts(listed).items():
+                    counts.setdefault(shard, n)  # the first list that names it, as expand
+    return counts
+
+
+def _shard_entries(p: Path) -> list[tuple[str, Any]]:
+    """(shard, its entry's nsamples as given) of each url a shards.json lists."""
     data = _read_json(p, "shard list")
     entries = data.get("shardlist") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not all(
@@ -193,7 +223,7 @@ def read_shard_list(path: str | os.PathLike) -> list[str]:
         shard = str((p.parent / url).resolve())
         if not Path(shard).is_file():
             raise UserError(f"{path_text(p)} lists {url}, which does not exist")
-        shards.append(shard)
+        shards.append((shard, e.get("nsamples")))
     return shards
 
 
@@ -229,14 +259,18 @@ def index_path(shard: str | os.PathLike) -> Path:
     return Path(f"{shard}{INDEX_SUFFIX}")
 
 
-def list_shard(shard: str, label_key: str | None = None, labels: bool = True) -> ShardListing:
+def list_shard(
+    shard: str, label_key: str | None = None, labels: bool = True, nsamples: int | None = None
+) -> ShardListing:
     """A local shard's samples: from its index when there is one (and it matches the tar's
     size), else by reading the member headers. A truncated tar keeps the samples before
     the damage and records the failure; a sample without an image part is a failure.
 
     `label_key`: the json field holding the label (img2dataset's metadata); else the index's
     label, else json's "label", else the `cls` part. `labels=False`: offsets only (no label
-    part is read).
+    part is read). `nsamples`: the count shards.json records for the shard; a listing
+    without failures of its own that finds another count is a UserError naming both (a
+    damaged tar's failures already say why it lists fewer).
     """
     if shard.startswith(PIPE):
         raise UserError(f"{shard}: a pipe: stream has no offsets; it can only be streamed")
@@ -246,14 +280,26 @@ def list_shard(shard: str, label_key: str | None = None, labels: bool = True) ->
     if idx.is_file() and label_key is None:
         listing.samples = _samples_from_index(shard, idx, st.st_size)
         listing.from_index = True
-        return listing
+        return _counted(listing, nsamples)
     try:
         with tarfile.open(shard, mode="r:") as tar:
             _scan_members(tar, listing, label_key, labels)
     except tarfile.ReadError as e:
         if not listing.samples and not listing.failures:
             listing.failures.append((shard, f"not a readable tar ({_first_line(e)})"))
-    return listing
+    return _counted(listing, nsamples)
+
+
+def _counted(listing: ShardListing, nsamples: int | None) -> ShardListing:
+    """The listing, unless it finds another count than shards.json's with no failure to
+    say why: then the shard or its index changed after the list was written."""
+    n = len(listing.samples)
+    if nsamples is None or n == nsamples or listing.failures:
+        return listing
+    raise UserError(
+        f"{path_text(listing.shard)}: lists {n} samples, {SHARD_LIST} says {nsamples} (the "
+        f"shard or its index changed since {SHARD_LIST} was written; rerun mocoserve shards)"
+    )
 
 
 def _stat(shard: str) -> os.stat_result:
@@ -432,15 +478,17 @@ def _samples_from_index(shard: str, idx: Path, size: int) -> list[TarSample]:
     return samples
 
 
-def stream_samples(url: str, label_key: str | None = None) -> Iterator[tuple[TarSample, bytes]]:
-    """A shard read front to back (local path or pipe: command) through WebDataset's tar
-    iterator: each sample with its image's bytes, labelled as `list_shard` labels. Offsets
-    are -1: a stream has none."""
+def stream_samples(
+    url: str, label_key: str | None = None, stall_s: float = STALL_SECONDS
+) -> Iterator[tuple[TarSample, bytes]]:
+    """A shard read front to back (local path or pipe: command, see core.streams: a command
+    that stalls for `stall_s` or fails is an OSError) through WebDataset's tar iterator: each
+    sample with its image's bytes, labelled as `list_shard` labels. Offsets are -1: a stream
+    has none."""
     # imported here: webdataset imports torch when it is installed
-    from webdataset.gopen import gopen
     from webdataset.tariterators import tar_file_iterator
 
-    stream = gopen(url, "rb")
+    stream = open_stream(url, stall_s)
     try:
         current: str | None = None
         parts: dict[str, bytes] = {}
@@ -452,6 +500,7 @@ def stream_samples(url: str, label_key: str | None = None) -> Iterator[tuple[Tar
             current = key
             if part:
                 parts[part] = member["data"]
+        finish(stream)  # a failed or stalled command fails the shard before its last sample
         if current is not None:
             yield from _streamed(url, current, parts, label_key)
     finally:

@@ -9,8 +9,9 @@ mtime: it is streamed (through WebDataset) on every run, and its members not alr
 index at the same size are embedded from their bytes.
 
 What goes wrong while listing (a truncated tar, a member header past the end, a sample
-without an image, a stale index) is kept in `failures`, for the index's failures table;
-the rest of the shard, and every other shard, goes on.
+without an image, a stale index, another sample count than shards.json's) is kept in
+`failures`, for the index's failures table; the rest of the shard (a refused shard: none of
+it), and every other shard, goes on.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class TarSource:
     ) -> None:
         self.specs = [str(s) for s in specs]
         self.shards = tars.expand(self.specs)  # a missing shard: a UserError, before any work
+        self.nsamples = tars.listed_counts(self.specs)  # a shards.json's count per shard
         self.label_key = label_key
         self.labels = labels
         self.time = StageTime()
@@ -87,8 +89,8 @@ class TarSource:
 
     def _list(self, shard: str) -> tars.ShardListing:
         try:
-            listing = tars.list_shard(shard, self.label_key)
-        except (UserError, OSError) as e:  # a stale index, an unreadable file
+            listing = tars.list_shard(shard, self.label_key, nsamples=self.nsamples.get(shard))
+        except (UserError, OSError) as e:  # a stale index or count, an unreadable file
             self.failures.append((tars.shard_key(shard), str(e)))
             return tars.ShardListing(shard, -1, 0)
         for where, reason in listing.failures:

@@ -80,6 +80,7 @@ _V3_VIT = {
     "model.proj_layers": 3,
     "model.pred_last_bn": True,
     "data.min_crop_scale": 0.08,
+    "method.freeze_patch_embed": True,
 }
 _V3_RESNET = {
     "method.temperature": 1.0,

@@ -36,6 +36,8 @@ class Method(nn.Module):
     report_file: ClassVar[str | None] = None  # final metrics written here when a run finishes
     # runs its key encoder with shuffled BN (method.shuffle_bn); only BN nets have any to shuffle
     shuffles_bn: ClassVar[bool] = False
+    # keeps a ViT's random patch projection frozen when method.freeze_patch_embed (moco-v3)
+    freezes_patch_embed: ClassVar[bool] = False
 
     query_encoder: Encoder
     shuffle_bn: bool  # shuffled BN asked for and the encoder has BatchNorm to shuffle
@@ -70,7 +72,18 @@ class Method(nn.Module):
 
     @classmethod
     def adopt_config(cls, cfg: TrainConfig, explicit: dict[str, Any]) -> None:
-        """Complete the config before the run (the probe takes its network from a checkpoint)."""
+        """Complete the config before the run (the probe takes its network from a checkpoint).
+
+        A subclass calls this first: options set explicitly that the method has no use for
+        are refused here (a default never is, so a resumed checkpoint's config still runs).
+        """
+        if explicit.get("method.freeze_patch_embed") and not cls.freezes_patch_embed:
+            from mocoserve.core.errors import UserError
+
+            raise UserError(
+                f"method.freeze_patch_embed is moco-v3's (a ViT's frozen patch projection); "
+                f"{cfg.method.name} does not use it (leave it unset)"
+            )
 
     @classmethod
     def build_encoder(cls, cfg: TrainConfig) -> Encoder:

@@ -69,6 +69,7 @@ class LinearProbe(Method):
         from mocoserve.train.config import TrainConfig, get_field
         from mocoserve.train.methods import get_spec
 
+        super().adopt_config(cfg, explicit)
         pre = checkpoint.load(cfg.method.pretrained)  # type: ignore[arg-type]
         pre_cfg = TrainConfig.from_dict(pre["config"])
         if not get_spec(pre_cfg.method.name).cls.trains_encoder:

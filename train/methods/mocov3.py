@@ -68,6 +68,7 @@ class MoCoV3(Method):
     """
 
     compile_targets = ("query_encoder", "key_encoder")
+    freezes_patch_embed = True
 
     key_encoder: Encoder  # backbone + projector, no gradient
 
@@ -101,6 +102,7 @@ class MoCoV3(Method):
         from mocoserve.train.config import apply_overrides
         from mocoserve.train.methods import get_spec
 
+        super().adopt_config(cfg, explicit)
         net = meta_backbone(cfg.model)
         family = backbone_family(net)
         recipe = get_spec(cfg.method.name).by_backbone.get(family, {})
