@@ -11,6 +11,7 @@ import io
 import json
 import os
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -236,6 +237,25 @@ def test_a_pipe_command_streams_a_shard(world, tmp_path):
     assert all(tars.split_item_key(p)[0] == url for _, _, p in items.values())  # type: ignore[index]
     again = CliRunner().invoke(cli, ["embed", url, "--index", str(index), "--workers", "0"])
     assert "embedded 0, skipped 5" in again.output, again.output
+
+
+def test_a_stalled_or_failing_pipe_is_a_recorded_failure_and_the_rest_is_indexed(world, tmp_path):
+    """A command that hangs is stopped after --stream-timeout; one that exits non-zero is
+    recorded with its stderr; the other shard is indexed."""
+    shard = world["shards"] / "shard-000000.tar"
+    index = tmp_path / "out.faiss"
+    spec = f"pipe:{{cat {shard},sleep 120,cat {shard}; echo lost >&2; exit 5}}"
+    began = time.monotonic()
+    result = embed(spec, "--index", str(index), "--model", str(world["model"]), "--workers",
+                   "0", "--stream-timeout", "1")  # fmt: skip
+    assert time.monotonic() - began < 60
+    assert "failed 2" in result.output, result.output
+    reasons = list(failures(index).values())
+    assert any("no data for 1 s; the command was stopped" in r for r in reasons), reasons
+    assert any("the command failed (status 5): lost" in r for r in reasons), reasons
+    assert len(by_sha(index)) == 5
+    bad = CliRunner().invoke(cli, ["embed", spec, "--index", str(index), "--stream-timeout", "0"])
+    assert bad.exit_code == 2 and "--stream-timeout must be positive" in bad.output
 
 
 def test_the_service_serves_a_tar_items_bytes_by_id_and_refuses_a_changed_shard(world, tmp_path):

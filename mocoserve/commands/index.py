@@ -37,6 +37,7 @@ from mocoserve.commands.options import (
 )
 from mocoserve.core.errors import UserError
 from mocoserve.core.files import path_text, shown
+from mocoserve.core.streams import STALL_SECONDS
 
 app = typer.Typer()
 
@@ -119,6 +120,14 @@ def embed(
             "metadata). Default: the json's label, else the cls member.",
         ),
     ] = None,
+    stream_timeout: Annotated[
+        float,
+        typer.Option(
+            "--stream-timeout",
+            help="pipe: shards: seconds a read may wait for the command's bytes before it is "
+            "stopped and the shard recorded as failed.",
+        ),
+    ] = STALL_SECONDS,
     device: DeviceOpt = None,
     strict: Annotated[
         bool, typer.Option("--strict", help="Exit 1 if any file could not be embedded.")
@@ -219,6 +228,7 @@ def embed(
                 shards=shards,
                 store_dtype=store_dtype,
                 label_key=label_key,
+                stream_timeout=stream_timeout,
             )
         except KeyboardInterrupt:
             progress.stop()

@@ -28,6 +28,7 @@ from mocoserve.core.cluster import Group
 from mocoserve.core.decode import default_workers
 from mocoserve.core.errors import RunError, UserError
 from mocoserve.core.manifest import ModelFacts
+from mocoserve.core.streams import STALL_SECONDS
 from mocoserve.core.tars import PIPE, is_shard_spec, shard_key
 from mocoserve.index.catalog import CatalogMeta
 from mocoserve.index.files import IndexFiles
@@ -124,13 +125,15 @@ def embed_folders(
     recall_target: float | None = None,
     on_disk: bool | None = None,
     label_key: str | None = None,
+    stream_timeout: float = STALL_SECONDS,
 ) -> EmbedSummary:
     """Embed every image under `roots` into the index at `index_path` (created if new).
 
     `roots`: image folders (or files), or tar shards (`core.tars.is_shard_spec`: shard files,
     brace patterns, folders of shards, shards.json, pipe: commands), labelled by their
     json's `label_key` field (img2dataset's metadata) or, by default, their json's label or
-    cls part; `labels_from_folders=False` drops a shard's labels.
+    cls part; `labels_from_folders=False` drops a shard's labels. A pipe: command whose read
+    waits `stream_timeout` seconds is stopped and its shard recorded as failed.
 
     `index_type`, `max_index_memory` ('4G' or bytes), `recall_target` and `on_disk`: None
     keeps what the index remembers (auto, no budget, 0.95, in memory for a new one).
@@ -141,7 +144,7 @@ def embed_folders(
     progress bar.
     """
     started = time.perf_counter()
-    tar_source = _check_request(roots, batch_size, label_key, labels_from_folders)
+    tar_source = _check_request(roots, batch_size, label_key, labels_from_folders, stream_timeout)
     index_path = Path(index_path)
     budget = parse_size(max_index_memory) if isinstance(max_index_memory, str) else max_index_memory
     choice = IndexChoice(index_type, budget, recall_target, on_disk)
@@ -196,18 +199,22 @@ def _check_request(
     batch_size: int,
     label_key: str | None,
     labels_from_folders: bool | None,
+    stream_timeout: float = STALL_SECONDS,
 ) -> TarSource | None:
     """Refuse a bad request before any file of the index is made (a mistyped folder or shard
     leaves no empty index behind); the tar source, when the roots name tar shards."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if not stream_timeout > 0:
+        raise UserError(f"--stream-timeout must be positive, got {stream_timeout}")
     if not roots:
         raise UserError("give at least one image folder")
     shards = [is_shard_spec(r) for r in roots]
     if any(shards):
         if not all(shards):
             raise UserError("give image folders or tar shards, not both, to one embed run")
-        return TarSource(roots, label_key, labels=labels_from_folders is not False)
+        labels = labels_from_folders is not False
+        return TarSource(roots, label_key, labels=labels, stall_s=stream_timeout)
     if label_key is not None:
         raise UserError("--label-key names a json field of tar shards; these are image folders")
     for root in roots:

@@ -24,6 +24,7 @@ from pathlib import Path
 from mocoserve.core import tars
 from mocoserve.core.decode import ByteRange
 from mocoserve.core.errors import UserError
+from mocoserve.core.streams import STALL_SECONDS
 from mocoserve.ingest.scan import FoundFile, SourceItem
 from mocoserve.ingest.timing import StageTime
 
@@ -39,11 +40,13 @@ class TarSource:
         specs: Sequence[str | Path],
         label_key: str | None = None,
         labels: bool = True,
+        stall_s: float = STALL_SECONDS,
     ) -> None:
         self.specs = [str(s) for s in specs]
         self.shards = tars.expand(self.specs)  # a missing shard: a UserError, before any work
         self.nsamples = tars.listed_counts(self.specs)  # a shards.json's count per shard
         self.label_key = label_key
+        self.stall_s = stall_s  # a pipe: read waiting this long stops its command
         self.labels = labels
         self.time = StageTime()
         self.failures: list[tuple[str, str]] = []  # (key, reason), from listing and streaming
@@ -109,7 +112,7 @@ class TarSource:
     def _stream(self, url: str) -> Iterator[SourceItem]:
         started = time.perf_counter()
         try:
-            for sample, data in tars.stream_samples(url, self.label_key):
+            for sample, data in tars.stream_samples(url, self.label_key, self.stall_s):
                 key = tars.item_key(url, sample.member)
                 self.streamed += 1
                 if self.unchanged is not None and self.unchanged(key, len(data)):
