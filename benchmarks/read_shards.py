@@ -8,7 +8,9 @@ Each is timed with a cold page cache (every image file and shard evicted first) 
 Eviction: posix_fadvise(POSIX_FADV_DONTNEED) on every file, which drops a file's clean pages
 without privileges and without touching anyone else's cache (`fincore` shows 0 pages after);
 with --drop-caches, `echo 3 > /proc/sys/vm/drop_caches` where the process may (root).
-`shards-reopen` opens each shard per image (no descriptor cache).
+`shards-reopen` opens each shard per image (no descriptor cache). `shards-pipe` streams every
+shard through `pipe:cat` (train.stream: what a run from an object store does, the shuffle
+buffer included; its once-per-run counting pass is timed apart).
 Usage: python benchmarks/read_shards.py [--images 4000] [--size 96] [--workers 2]
        [--shard-size 1000] [--dir DIR] [--drop-caches]
 """
@@ -33,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mocoserve.core import tars
 from mocoserve.core.images import iter_image_files
-from mocoserve.train import data
+from mocoserve.train import data, stream
 from mocoserve.train.augment import MultiView, train_views
 from mocoserve.train.config import DataConfig
 
@@ -128,6 +130,16 @@ def epoch(index: data.DataIndex, transform, workers: int, batch: int, reopen: bo
     return n / (time.perf_counter() - start)
 
 
+def stream_epoch(index: stream.StreamIndex, transform, workers: int, batch: int) -> float:
+    """images/s of one epoch streamed from pipe: commands (StreamPlan + StreamDataset)."""
+    plan = stream.StreamPlan(index.counts, batch, seed=0, workers=workers, buffer=2000)
+    dataset = stream.StreamDataset(index, plan, transform, stall_s=60)
+    loader = data.make_loader(dataset, None, batch, plan.loader_workers, False, True, False)
+    start = time.perf_counter()
+    n = sum(len(labels) for _, labels in loader)
+    return n / (time.perf_counter() - start)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=4000)
@@ -168,6 +180,17 @@ def main() -> None:
             cold = epoch(index, transform, args.workers, args.batch, reopen)
             warm = epoch(index, transform, args.workers, args.batch, reopen)
             print(f"{kind:7s} {form:14s} cold {cold:8.0f} img/s   warm {warm:8.0f} img/s")
+        evict(tar_files, args.drop_caches)
+        began = time.perf_counter()
+        urls = [f"pipe:cat {p}" for p in tar_files]
+        streamed = stream.count_streams("bench", urls, "label", 60)
+        counting = time.perf_counter() - began
+        cold = stream_epoch(streamed, transform, args.workers, args.batch)
+        warm = stream_epoch(streamed, transform, args.workers, args.batch)
+        print(
+            f"{kind:7s} {'shards-pipe':14s} cold {cold:8.0f} img/s   warm {warm:8.0f} img/s"
+            f"   (counting pass, cold: {len(streamed) / counting:.0f} img/s)"
+        )
     print(f"cache eviction: {method}")
 
 
