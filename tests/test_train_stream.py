@@ -174,6 +174,31 @@ def test_supcon_from_pipe_with_cls_labels(labelled4, tmp_path):
     assert header == ["class_0", "class_1", "class_2"]
 
 
+def test_counts_from_a_shard_list_skip_the_counting_pass(labelled4, tmp_path):
+    """data.shard_counts (the shards.json `mocoserve shards` wrote): no counting pass, the
+    same counts and classes, so the same weights as a counted run; a list that does not
+    name a shard, or claims another count, is refused by name."""
+    listed = labelled4 / tars.SHARD_LIST
+    args = [piped(labelled4, 6), "--method", "supcon", *ARGS, *TINY]
+    counted = train(*args, "--out", str(tmp_path / "a"))
+    assert counted.exit_code == 0 and "counting the samples" in counted.output, counted.output
+    given = train(*args, "--out", str(tmp_path / "b"), "--set", f"data.shard_counts={listed}")
+    assert given.exit_code == 0, given.output
+    assert "(not counted)" in given.output and "counting" not in given.output
+    assert "in 3 classes" in given.output
+    models_equal(tmp_path / "a", tmp_path / "b")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"shardlist": [{"url": "elsewhere.tar", "nsamples": 4}]}))
+    stray = train(*args, "--out", str(tmp_path / "c"), "--set", f"data.shard_counts={other}")
+    assert_stops(stray, "names no shard it lists of")
+    wrong = json.loads(listed.read_text())
+    wrong["shardlist"][0]["nsamples"] = 3  # the stream holds 4
+    bad = tmp_path / "wrong.json"
+    bad.write_text(json.dumps(wrong))
+    short = train(*args, "--out", str(tmp_path / "d"), "--set", f"data.shard_counts={bad}")
+    assert_stops(short, "shard-000000.tar now streams more than 3 samples; the run counted 3")
+
+
 def test_a_failing_stream_is_read_again_and_the_run_is_unchanged(shards5, tmp_path):
     """A command that breaks once mid-shard: read again from where it broke, same weights."""
     src = piped(shards5, 5)

@@ -46,6 +46,7 @@ class DataConfig:
     # and seconds without a byte from a pipe: command before it is stopped
     shuffle_buffer: int = 2000
     stream_timeout: float = 300.0
+    shard_counts: str | None = None  # a shards.json giving pipe: shards' counts (no counting)
 
     def resolved_eval_resize(self) -> int:
         if self.eval_resize is not None:

@@ -33,6 +33,7 @@ When any shard of `--data` is a `pipe:` command, the run reads every shard front
 from __future__ import annotations
 
 import io
+import re
 import sys
 import tarfile
 import time
@@ -99,12 +100,20 @@ class StreamIndex:
 
 
 def scan_streams(
-    spec: str, shards: list[str], out: Path, label_key: str | None, stall_s: float
+    spec: str,
+    shards: list[str],
+    out: Path,
+    label_key: str | None,
+    stall_s: float,
+    listed: str | None = None,
 ) -> StreamIndex:
-    """The counts of streamed shards: from `<out>/stream-counts.json` when it lists the same
-    shards and label key, else by streaming each once (on rank 0; every rank gets them)."""
+    """The counts of streamed shards: from `listed` (a shards.json, data.shard_counts) when
+    given, else `<out>/stream-counts.json` when it lists the same shards and label key, else
+    by streaming each once (on rank 0; every rank gets them)."""
 
     def compute() -> StreamIndex:
+        if listed is not None:
+            return counts_from_list(spec, shards, Path(listed), label_key)
         cached = _read_counts(out / COUNTS_FILE, shards, label_key)
         if cached is not None:
             return cached
@@ -139,6 +148,58 @@ def _read_counts(path: Path, shards: list[str], label_key: str | None) -> Stream
     return StreamIndex(
         data["root"], shards, counts, list(data["classes"]), label_key, int(data["unlabelled"])
     )
+
+
+def counts_from_list(
+    spec: str, shards: list[str], path: Path, label_key: str | None
+) -> StreamIndex:
+    """Counts (and classes) from a shards.json, e.g. the one `mocoserve shards` wrote before
+    the set was uploaded: no counting pass, which a billion images cannot afford. Each
+    shard is the entry whose file name is a word of its command (`.../shard-000001.tar -`).
+    Only numbers are read from the file; the commands are the command line's."""
+    data = tars._read_json(path, "shard list")
+    entries = data.get("shardlist") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict)
+        and isinstance(e.get("url"), str)
+        and isinstance(e.get("nsamples"), int)
+        and not isinstance(e.get("nsamples"), bool)
+        and e["nsamples"] >= 0
+        for e in entries
+    ):
+        raise UserError(
+            f"data.shard_counts: {path_text(path)} is not a shard list with counts (a "
+            "shardlist of {url, nsamples}, as mocoserve shards writes)"
+        )
+    if label_key is not None:
+        raise UserError(
+            "--label-key with data.shard_counts: the list holds no class names of that field; "
+            "drop data.shard_counts to collect them by streaming"
+        )
+    by_name: dict[str, int] = {}
+    for e in entries:
+        by_name.setdefault(Path(e["url"]).name, e["nsamples"])
+    counts = []
+    for url in shards:
+        words = {w for w in re.split(r"[\s/'\"=:]+", url) if w}
+        names = sorted(words & by_name.keys())
+        if len(names) != 1:
+            found = "no shard it lists" if not names else f"several ({', '.join(names[:3])})"
+            raise UserError(
+                f"data.shard_counts: {url} names {found} of {path_text(path)} (a shard is "
+                "matched by its file name)"
+            )
+        counts.append(by_name[names[0]])
+    extra = data.get("mocoserve") if isinstance(data.get("mocoserve"), dict) else {}
+    classes = extra.get("classes") if isinstance(extra.get("classes"), list) else []
+    if not all(isinstance(c, str) for c in classes):
+        raise UserError(f"data.shard_counts: {path_text(path)} has class names that are not text")
+    array = np.asarray(counts, np.int64)
+    if int(array.sum()) == 0:
+        raise UserError(f"data.shard_counts: {path_text(path)} counts no samples for {spec}")
+    print(f"shard counts from {path_text(path)} (not counted)", file=sys.stderr)
+    unlabelled = 0 if classes else int(array.sum())
+    return StreamIndex(spec, shards, array, sorted(classes), None, unlabelled)
 
 
 @dataclass

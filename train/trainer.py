@@ -296,7 +296,9 @@ class Trainer:
                     "--val: the k-NN monitor searches the training images by offset, and pipe: "
                     "shards have none; drop --val and run mocoserve knn on the exported package"
                 )
-            train_index = scan_streams(d.root, shards, self.out_dir, d.label_key, d.stream_timeout)
+            train_index = scan_streams(
+                d.root, shards, self.out_dir, d.label_key, d.stream_timeout, d.shard_counts
+            )
         else:
             train_index = scan_data(d.root, label_key=d.label_key)
         val_index = None
@@ -308,6 +310,12 @@ class Trainer:
                     f"--val {d.val} must be a labelled folder (class/image) or labelled shards"
                 )
         if self.spec.cls.needs_labels and not train_index.labelled:
+            if isinstance(train_index, StreamIndex) and self.cfg.data.shard_counts:
+                raise UserError(
+                    f"{self.spec.name} needs labels, but data.shard_counts "
+                    f"({self.cfg.data.shard_counts}) lists no class names; drop it to collect "
+                    "them by streaming"
+                )
             if isinstance(train_index, ShardIndex | StreamIndex):
                 raise UserError(
                     f"{self.spec.name} needs labels, but {train_index.unlabelled} of "
