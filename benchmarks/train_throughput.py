@@ -24,6 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mocoserve.train.config import TrainConfig
 from mocoserve.train.configure import build_config
 from mocoserve.train.methods import build_method
 from mocoserve.train.trainer import fit
@@ -49,33 +50,29 @@ def make_folder(root: Path, n: int, size: int) -> Path:
     return root
 
 
-def model_only(args: argparse.Namespace, compile_model: bool) -> float:
-    cfg = build_config(
-        "moco-v2",
-        overrides={
-            "model.arch": args.arch,
-            "optim.batch_size": args.batch_size,
-            "run.precision": args.precision,
-        },
-    )
+def on_device(cfg: TrainConfig, compile_model: bool) -> tuple[torch.device, torch.nn.Module]:
+    """The method `cfg` configures, on the GPU where there is one (channels-last there, as the
+    Trainer does), its `compile_targets` torch.compile'd if asked."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
     method = build_method(cfg).to(device)
-    if device.type == "cuda":
+    if device.type == "cuda":  # a ViT only restrides its patch conv
         method.to(memory_format=torch.channels_last)
     if compile_model:
-        method.query_encoder.compile()
-        method.key_encoder.compile()
-    opt = torch.optim.SGD(
-        [p for p in method.parameters() if p.requires_grad], lr=0.03, momentum=0.9
-    )
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    views = [
-        torch.randn(args.batch_size, 3, 224, 224, device=device).to(memory_format=fmt)
-        for _ in range(2)
-    ]
-    labels = torch.zeros(args.batch_size, dtype=torch.long, device=device)
+        for name in method.compile_targets:
+            getattr(method, name).compile()
+    return device, method
 
+
+def steps_per_s(
+    method: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    views: list[torch.Tensor],
+    args: argparse.Namespace,
+) -> float:
+    """Training images/s of --steps optimiser steps on the synthetic `views`, after --warmup."""
+    device = views[0].device
+    labels = torch.zeros(args.batch_size, dtype=torch.long, device=device)
     half = torch.float16 if args.precision == "fp16" else torch.bfloat16
     amp = device.type == "cuda" and args.precision != "fp32"
 
@@ -96,6 +93,41 @@ def model_only(args: argparse.Namespace, compile_model: bool) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return args.steps * args.batch_size / (time.perf_counter() - start)
+
+
+def add_step_args(
+    p: argparse.ArgumentParser,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    precision_help: str | None = None,
+) -> None:
+    """--batch-size, --steps, --warmup and --precision, which steps_per_s reads."""
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--precision", default="bf16", help=precision_help)
+
+
+def model_only(args: argparse.Namespace, compile_model: bool) -> float:
+    cfg = build_config(
+        "moco-v2",
+        overrides={
+            "model.arch": args.arch,
+            "optim.batch_size": args.batch_size,
+            "run.precision": args.precision,
+        },
+    )
+    device, method = on_device(cfg, compile_model)
+    opt = torch.optim.SGD(
+        [p for p in method.parameters() if p.requires_grad], lr=0.03, momentum=0.9
+    )
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    views = [
+        torch.randn(args.batch_size, 3, 224, 224, device=device).to(memory_format=fmt)
+        for _ in range(2)
+    ]
+    return steps_per_s(method, opt, views, args)
 
 
 def end_to_end(
@@ -129,10 +161,7 @@ def end_to_end(
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--arch", default="resnet50")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--precision", default="bf16")
+    add_step_args(p, batch_size=256, steps=100, warmup=20)
     p.add_argument("--images", type=int, default=6000)
     p.add_argument("--image-px", type=int, default=256)
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))

@@ -12,14 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mocoserve.train.methods import METHODS, build_method
+from benchmarks.train_throughput import add_step_args, on_device, steps_per_s
+from mocoserve.train.methods import METHODS
 from mocoserve.train.optim import build_optimizer
 from mocoserve.train.trainer import prepare_config
 
@@ -36,48 +36,20 @@ def images_per_s(method: str, arch: str, args: argparse.Namespace) -> float:
     if METHODS[method].cls.has_queue:
         overrides["method.queue_size"] = args.queue_size
     cfg, _ = prepare_config(method, None, None, overrides, None)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cudnn.benchmark = True
-    model = build_method(cfg).to(device)
-    if device.type == "cuda":  # as the Trainer does; a ViT only restrides its patch conv
-        model.to(memory_format=torch.channels_last)
-    if args.compile:
-        for name in model.compile_targets:
-            getattr(model, name).compile()
+    device, model = on_device(cfg, args.compile)
     model.train()
     opt = build_optimizer(cfg.optim, model, 1e-4)
     views = [
         torch.randn(args.batch_size, 3, 224, 224, device=device) for _ in range(model.num_views)
     ]
-    labels = torch.zeros(args.batch_size, dtype=torch.long, device=device)
-    half = torch.float16 if args.precision == "fp16" else torch.bfloat16
-    amp = device.type == "cuda" and args.precision != "fp32"
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=half, enabled=amp):
-            loss = model(views, labels)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return args.steps * args.batch_size / (time.perf_counter() - start)
+    return steps_per_s(model, opt, views, args)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--precision", default="bf16", help="CUDA only; the CPU trains in fp32")
+    add_step_args(
+        p, batch_size=32, steps=5, warmup=1, precision_help="CUDA only; the CPU trains in fp32"
+    )
     p.add_argument("--queue-size", type=int, default=65536)
     p.add_argument("--compile", action="store_true", help="torch.compile the encoders")
     p.add_argument(
