@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from mocoserve.core.errors import UserError
+from mocoserve.core.errors import RunError, UserError
 
 T = TypeVar("T")
 
@@ -159,10 +159,16 @@ def from_rank0(compute: Callable[[], T]) -> T:
             box[0] = ("ok", compute())
         except UserError as e:
             box[0] = ("error", str(e))
+        except Exception as e:  # an OSError writing a file: the others are told, then raise
+            box[0] = ("failed", f"rank 0 failed: {type(e).__name__}: {e}")
+            dist.broadcast_object_list(box, src=0)
+            raise
     dist.broadcast_object_list(box, src=0)
     kind, value = box[0]
     if kind == "error":
         raise UserError(value)
+    if kind == "failed":
+        raise RunError(value)
     return value
 
 

@@ -33,12 +33,15 @@ When any shard of `--data` is a `pipe:` command, the run reads every shard front
 from __future__ import annotations
 
 import io
+import multiprocessing.util
+import os
 import re
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +50,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mocoserve.core import tars
+from mocoserve.core import streams, tars
 from mocoserve.core.errors import UserError
 from mocoserve.core.files import path_text
 from mocoserve.core.images import load_rgb
@@ -106,10 +109,14 @@ def scan_streams(
     label_key: str | None,
     stall_s: float,
     listed: str | None = None,
+    stop: Callable[[], str | None] | None = None,
 ) -> StreamIndex:
     """The counts of streamed shards: from `listed` (a shards.json, data.shard_counts) when
     given, else `<out>/stream-counts.json` when it lists the same shards and label key, else
     by streaming each once (on rank 0; every rank gets them)."""
+    empty = next((s for s in shards if s.startswith(tars.PIPE) and not s[5:].strip()), None)
+    if empty is not None:
+        raise UserError(f"{spec}: a shard is {empty!r}, with no command after pipe:")
 
     def compute() -> StreamIndex:
         if listed is not None:
@@ -117,7 +124,7 @@ def scan_streams(
         cached = _read_counts(out / COUNTS_FILE, shards, label_key)
         if cached is not None:
             return cached
-        index = count_streams(spec, shards, label_key, stall_s)
+        index = count_streams(spec, shards, label_key, stall_s, stop)
         out.mkdir(parents=True, exist_ok=True)
         tars._write_json(out / COUNTS_FILE, index.to_dict())
         return index
@@ -131,11 +138,17 @@ def _read_counts(path: Path, shards: list[str], label_key: str | None) -> Stream
     if not path.is_file():
         return None
     data = tars._read_json(path, "stream count file")
+
+    def count(c: object) -> bool:  # a JSON integer (not true/false, "5" or 5.5), in int64
+        return type(c) is int and 0 <= c < 2**62
+
     try:
         ok = data["kind"] == COUNTS_KIND and len(data["counts"]) == len(data["shards"])
-        counts = np.asarray(data["counts"], np.int64)
-        ok = ok and all(isinstance(c, str) for c in data["classes"]) and bool((counts >= 0).all())
-    except (KeyError, TypeError, ValueError):
+        ok = ok and isinstance(data["counts"], list) and all(map(count, data["counts"]))
+        ok = ok and isinstance(data["classes"], list) and count(data["unlabelled"])
+        ok = ok and all(isinstance(c, str) for c in data["classes"])
+        counts = np.asarray(data["counts"] if ok else [], np.int64)
+    except (KeyError, TypeError, ValueError, OverflowError):
         ok = False
     if not ok:
         raise UserError(
@@ -146,7 +159,7 @@ def _read_counts(path: Path, shards: list[str], label_key: str | None) -> Stream
         return None  # other data: counted again (and the file replaced)
     print(f"shard counts from {path_text(path)}", file=sys.stderr)
     return StreamIndex(
-        data["root"], shards, counts, list(data["classes"]), label_key, int(data["unlabelled"])
+        str(data.get("root")), shards, counts, list(data["classes"]), label_key, data["unlabelled"]
     )
 
 
@@ -181,7 +194,7 @@ def counts_from_list(
         by_name.setdefault(Path(e["url"]).name, e["nsamples"])
     counts = []
     for url in shards:
-        words = {w for w in re.split(r"[\s/'\"=:]+", url) if w}
+        words = {w for w in re.split(r"[^\w.+-]+", url) if w}
         names = sorted(words & by_name.keys())
         if len(names) != 1:
             found = "no shard it lists" if not names else f"several ({', '.join(names[:3])})"
@@ -211,9 +224,15 @@ class _ShardCount:
 
 
 def count_streams(
-    spec: str, shards: list[str], label_key: str | None, stall_s: float
+    spec: str,
+    shards: list[str],
+    label_key: str | None,
+    stall_s: float,
+    stop: Callable[[], str | None] | None = None,
 ) -> StreamIndex:
-    """Stream every shard once (8 at a time), counting samples and collecting label names."""
+    """Stream every shard once (8 at a time), counting samples and collecting label names.
+    A shard that fails, or `stop()` naming a reason (a signal), ends the pass at once: the
+    other commands are stopped, none is left running."""
     print(
         f"counting the samples of {len(shards)} streamed shard(s) (once per run: the count is "
         f"kept in the run folder's {COUNTS_FILE})",
@@ -221,9 +240,11 @@ def count_streams(
     )
     started = time.monotonic()
 
+    stopping = threading.Event()
+
     def one(url: str) -> _ShardCount:
         c = _ShardCount(0, set(), 0, None)
-        for sample in _read_shard(url, label_key, stall_s, with_data=False):
+        for sample in _read_shard(url, label_key, stall_s, with_data=False, stopping=stopping):
             c.n += 1
             if sample.label is None:
                 c.missing += 1
@@ -232,8 +253,27 @@ def count_streams(
                 c.names.add(sample.label)
         return c
 
-    with ThreadPoolExecutor(min(LIST_THREADS, len(shards))) as pool:
-        found = list(pool.map(one, shards))
+    pool = ThreadPoolExecutor(min(LIST_THREADS, len(shards)))
+    futures = [pool.submit(one, url) for url in shards]
+    try:
+        while not all(f.done() for f in futures):
+            wait(futures, timeout=0.5, return_when=FIRST_EXCEPTION)
+            failed = [f for f in futures if f.done() and f.exception() is not None]
+            if failed:
+                raise failed[0].exception()  # type: ignore[misc]
+            why = stop() if stop is not None else None
+            if why:
+                raise UserError(
+                    f"stopped by {why} while counting the streamed shards, before training "
+                    "(nothing to resume: the next run counts them again)"
+                )
+        found = [f.result() for f in futures]
+    finally:
+        if not all(f.done() for f in futures):
+            stopping.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            streams.stop_all()  # the reads waiting on commands end
+        pool.shutdown(wait=True)
     counts = np.asarray([c.n for c in found], np.int64)
     total = int(counts.sum())
     if total == 0:
@@ -255,10 +295,14 @@ def count_streams(
 
 
 def _read_shard(
-    url: str, label_key: str | None, stall_s: float, with_data: bool = True
+    url: str,
+    label_key: str | None,
+    stall_s: float,
+    with_data: bool = True,
+    stopping: threading.Event | None = None,
 ) -> Iterator[Any]:
     """A shard's samples: a failed stream is read again (TRIES times in all) from where it
-    failed; then the run stops naming it."""
+    failed; then the run stops naming it. `stopping` set: ends, not read again."""
     done, tries = 0, 0
     while True:
         try:
@@ -267,21 +311,31 @@ def _read_shard(
                 seen += 1
                 if seen <= done:
                     continue
+                if stopping is not None and stopping.is_set():
+                    return
                 done += 1
                 yield (sample, data) if with_data else sample
             return
         except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+            if stopping is not None and stopping.is_set():
+                return
             tries += 1
             if tries >= TRIES:
-                raise UserError(
-                    f"{url}: {tars._first_line(e)} ({TRIES} tries; the last checkpoint holds "
-                    "the run: fix the source and resume with --resume auto)"
-                ) from None
+                then = (
+                    "the last checkpoint holds the run: fix the source and resume with "
+                    "--resume auto"
+                    if with_data
+                    else "while counting the shards, before training: fix the source"
+                )
+                raise UserError(f"{url}: {tars._first_line(e)} ({TRIES} tries; {then})") from None
             print(
                 f"warning: {url}: {tars._first_line(e)}; reading it again from sample {done}",
                 file=sys.stderr,
             )
-            time.sleep(2 ** (tries - 1))
+            if stopping is not None:
+                stopping.wait(2 ** (tries - 1))
+            else:
+                time.sleep(2 ** (tries - 1))
 
 
 class StreamPlan:
@@ -386,6 +440,33 @@ def _turns(batches: list[int], steps: int) -> np.ndarray:
     return np.asarray(out, np.int64)
 
 
+_guarded_pid: int | None = None  # the worker process whose commands are guarded
+
+
+def _stop_commands_with_the_worker() -> None:
+    """In a DataLoader worker: its pipe: commands (their own process groups) end with it.
+
+    A worker leaves by os._exit at shutdown, past any generator's finally: a multiprocessing
+    finaliser (run before that exit) stops the commands. A worker whose trainer died
+    (SIGKILL, OOM) is re-parented; a thread that sees it stops the commands and ends the
+    worker, so no command outlives the run.
+    """
+    global _guarded_pid
+    if _guarded_pid == os.getpid():
+        return
+    _guarded_pid = os.getpid()
+    multiprocessing.util.Finalize(None, streams.stop_all, exitpriority=100)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        streams.stop_all()
+        os._exit(1)  # nobody takes this worker's batches: no read again, no new command
+
+    threading.Thread(target=watch, name="stream-parent-watch", daemon=True).start()
+
+
 class StreamDataset(IterableDataset):
     """One DataLoader worker's part of an epoch: its slot's shards in the epoch's order,
     through the shuffle buffer, past the samples done before a resume, decoded and seeded."""
@@ -398,6 +479,8 @@ class StreamDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[object, int]]:
         info = get_worker_info()
+        if info is not None:
+            _stop_commands_with_the_worker()
         plan = self.plan
         slot, skip, batches = plan.worker_part(info.id if info is not None else 0)
         want = batches * plan.batch_size

@@ -297,7 +297,13 @@ class Trainer:
                     "shards have none; drop --val and run mocoserve knn on the exported package"
                 )
             train_index = scan_streams(
-                d.root, shards, self.out_dir, d.label_key, d.stream_timeout, d.shard_counts
+                d.root,
+                shards,
+                self.out_dir,
+                d.label_key,
+                d.stream_timeout,
+                d.shard_counts,
+                stop=lambda: self.preempt.raised,
             )
         else:
             train_index = scan_data(d.root, label_key=d.label_key)

@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from typing import BinaryIO
 
 PIPE = "pipe:"
@@ -30,6 +31,19 @@ READ_CHUNK = 1 << 20
 class StreamError(OSError):
     """A stream that could not be read to its end (its command failed or stalled); the
     message says why, and the caller names the stream."""
+
+
+_running: weakref.WeakSet[PipeStream] = weakref.WeakSet()  # started here, not yet closed
+_running_lock = threading.Lock()
+
+
+def stop_all() -> None:
+    """Stop every pipe: command this process is reading (a run that is stopped by a signal):
+    the reads waiting on them end, failing; the commands do not outlive the process."""
+    with _running_lock:
+        running = list(_running)
+    for stream in running:
+        stream._kill()
 
 
 def finish(stream: BinaryIO) -> None:
@@ -50,7 +64,7 @@ class PipeStream:
 
     def __init__(self, command: str, url: str, stall_s: float) -> None:
         if not command.strip():
-            raise StreamError(f"{url}: no command after pipe:")
+            raise StreamError("no command after pipe:")  # the caller names the stream
         self.url, self.stall_s = url, stall_s
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (its tail names what went wrong; closed in close)
         self._proc = subprocess.Popen(
@@ -66,6 +80,8 @@ class PipeStream:
         self._closed = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="pipe-watchdog", daemon=True)
         self._watchdog.start()
+        with _running_lock:
+            _running.add(self)
 
     # the stream interface tarfile's stream mode uses
     def readable(self) -> bool:
@@ -124,6 +140,8 @@ class PipeStream:
         if self._closed.is_set():
             return
         self._closed.set()
+        with _running_lock:
+            _running.discard(self)
         if self._proc.poll() is None:
             self._kill()
         if self._proc.stdout is not None:

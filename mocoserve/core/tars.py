@@ -151,6 +151,9 @@ def expand(specs: Sequence[str | os.PathLike]) -> list[str]:
                 out[url] = None
             continue
         for item in braceexpand.braceexpand(text):
+            if item.startswith(PIPE):  # {local.tar,pipe:cmd}: each item is its own kind
+                out[item] = None
+                continue
             for shard in _local_shards(Path(item)):
                 out[shard] = None
     if not out:
