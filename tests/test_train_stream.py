@@ -199,6 +199,7 @@ def test_counts_from_a_shard_list_skip_the_counting_pass(labelled4, tmp_path):
     assert_stops(short, "shard-000000.tar now streams more than 3 samples; the run counted 3")
 
 
+@pytest.mark.slow  # two runs and a retry (about 25 s)
 def test_a_failing_stream_is_read_again_and_the_run_is_unchanged(shards5, tmp_path):
     """A command that breaks once mid-shard: read again from where it broke, same weights."""
     src = piped(shards5, 5)
