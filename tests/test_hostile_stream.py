@@ -11,33 +11,19 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from mocoserve.cli import app
 from mocoserve.core import streams
 from mocoserve.core.streams import StreamError, open_stream
 from mocoserve.train.stream import COUNTS_FILE
+from tests import test_train_stream
 from tests.test_train_cli import TINY, assert_user_error
-from tests.test_train_shards import write_shards
+from tests.test_train_stream import piped, train
 
-runner = CliRunner()
+shards5 = test_train_stream.shards5  # the fixture: 24 images in shards of 5
+
 ARGS = ["--epochs", "1", "-b", "4", "-K", "10", "--bn-splits", "2", "--seed", "5", *TINY]
-
-
-def train(*args: str):
-    return runner.invoke(app, ["train", *args])
-
-
-@pytest.fixture(scope="module")
-def shards5(flat_dir, tmp_path_factory) -> Path:
-    return write_shards(flat_dir, tmp_path_factory.mktemp("h5") / "shards", shard_size=5)
-
-
-def piped(shards: Path, n: int) -> str:
-    return f"pipe:cat {shards}/shard-{{000000..{n - 1:06d}}}.tar"
 
 
 def running(marker: str) -> list[str]:

@@ -362,7 +362,37 @@ class ImageDataset(Dataset):
         )
 
 
-class EpochSampler(Sampler):
+class EpochPosition:
+    """Where an epoch stands (its number and the batches done) and the layout a saved
+    position counts its batches in: the folders' EpochSampler and streaming's StreamPlan."""
+
+    batch_size: int
+    world: int
+    batches_per_epoch: int
+
+    def _start_position(self) -> None:
+        self.epoch = 0
+        self.skip_batches = 0
+        self.saved_layout: dict[str, int] | None = None
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch = epoch
+        self.skip_batches = skip_batches
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.saved_layout = {k: int(v) for k, v in state.items()}
+
+    def batches_after(self, epoch_step: int, saved_global_batch: int) -> int:
+        """Whole batches of this layout that `epoch_step` saved batches' samples cover."""
+        samples = epoch_step * saved_global_batch
+        return min(samples // self.global_batch, self.batches_per_epoch)
+
+
+class EpochSampler(EpochPosition, Sampler):
     """Shuffles by (seed, epoch) identically on every rank, shards by rank, yields (index, epoch).
 
     Only whole global batches are used (drop_last), so every rank runs the same number of
@@ -377,24 +407,11 @@ class EpochSampler(Sampler):
         self.world = distributed.world_size()
         self.rank = distributed.rank()
         self.batches_per_epoch = n // (batch_size * self.world)
-        self.epoch = 0
-        self.skip_batches = 0
-        self.saved_layout: dict[str, int] | None = None
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.world
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.epoch = epoch
-        self.skip_batches = skip_batches
+        self._start_position()
 
     def state_dict(self) -> dict[str, int]:
         """The layout a saved mid-epoch position counts its batches in."""
         return {"seed": self.seed, "n": self.n, "global_batch": self.global_batch}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.saved_layout = {k: int(v) for k, v in state.items()}
 
     def resume_position(self, epoch_step: int) -> tuple[int, str | None]:
         """Batches of this layout that `epoch_step` saved batches cover, and a note if inexact.
@@ -410,7 +427,7 @@ class EpochSampler(Sampler):
         if (saved["n"], saved["seed"]) != (self.n, self.seed):
             note = "the folder or seed changed since the checkpoint: the epoch goes on reordered"
         samples = epoch_step * saved["global_batch"]
-        skip = min(samples // self.global_batch, self.batches_per_epoch)
+        skip = self.batches_after(epoch_step, saved["global_batch"])
         if saved["global_batch"] != self.global_batch:
             note = (
                 f"the global batch changed ({saved['global_batch']} -> {self.global_batch}): "

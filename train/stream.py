@@ -55,7 +55,12 @@ from mocoserve.core.errors import UserError
 from mocoserve.core.files import path_text
 from mocoserve.core.images import load_rgb
 from mocoserve.train import distributed
-from mocoserve.train.data import LIST_THREADS, MAX_DECODE_ATTEMPTS, seeded_transform
+from mocoserve.train.data import (
+    LIST_THREADS,
+    MAX_DECODE_ATTEMPTS,
+    EpochPosition,
+    seeded_transform,
+)
 
 COUNTS_FILE = "stream-counts.json"
 COUNTS_KIND = "mocoserve-stream-counts"
@@ -338,12 +343,12 @@ def _read_shard(
                 time.sleep(2 ** (tries - 1))
 
 
-class StreamPlan:
+class StreamPlan(EpochPosition):
     """The sampler's part for streamed shards (see the module doc): the deal of shards to
     ranks and workers, each worker's batches per epoch, and the mid-epoch position.
 
-    Offers EpochSampler's interface to the trainer (batches_per_epoch, set_epoch,
-    state_dict/load_state_dict for checkpoints, resume_position).
+    Offers EpochSampler's interface to the trainer (EpochPosition's batches_per_epoch,
+    set_epoch and load_state_dict; state_dict for checkpoints, resume_position).
     """
 
     def __init__(
@@ -374,16 +379,7 @@ class StreamPlan:
         # the order this rank's workers' batches come in (the DataLoader's: each in turn)
         mine = [int(batches[w * self.world + self.rank]) for w in range(self.workers)]
         self.turns = _turns(mine, self.batches_per_epoch)
-        self.epoch = 0
-        self.skip_batches = 0
-        self.saved_layout: dict[str, int] | None = None
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.world
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.epoch, self.skip_batches = epoch, skip_batches
+        self._start_position()
 
     def state_dict(self) -> dict[str, int]:
         return {
@@ -394,9 +390,6 @@ class StreamPlan:
             "buffer": self.buffer,
         }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.saved_layout = {k: int(v) for k, v in state.items()}
-
     def resume_position(self, epoch_step: int) -> tuple[int, str | None]:
         """The batch to go on from: the same one in the same layout, else after as many
         samples (with a note)."""
@@ -405,8 +398,7 @@ class StreamPlan:
             return epoch_step, None
         if saved == self.state_dict():
             return epoch_step, None
-        samples = epoch_step * saved.get("global_batch", self.global_batch)
-        skip = min(samples // self.global_batch, self.batches_per_epoch)
+        skip = self.batches_after(epoch_step, saved.get("global_batch", self.global_batch))
         return skip, (
             "the streamed layout changed since the checkpoint (processes, data workers, batch, "
             f"shuffle buffer, seed or data): the epoch goes on after {skip * self.global_batch}"
@@ -423,9 +415,6 @@ class StreamPlan:
         first = int(turns[k]) if k < len(turns) else 0
         w = (first + loader_worker) % self.workers
         return w * self.world + self.rank, int(done[w]) * self.batch_size, int(total[w] - done[w])
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch - self.skip_batches
 
 
 def _turns(batches: list[int], steps: int) -> np.ndarray:
